@@ -1,0 +1,8 @@
+"""Pure-functional Qwen-VL models (Qwen3-VL, Qwen2.5-VL) in JAX: load, run, export."""
+from jaxrl_vl.models.checkpoint import export, from_hf_state_dict, load, to_hf_state_dict
+from jaxrl_vl.models.config import ModelConfig, TextConfig, VisionConfig
+from jaxrl_vl.models.inputs import make_batch
+from jaxrl_vl.models.qwen_vl import apply, init, num_params, unembed
+
+__all__ = ["ModelConfig", "TextConfig", "VisionConfig", "apply", "export", "from_hf_state_dict", "init", "load",
+           "make_batch", "num_params", "to_hf_state_dict", "unembed"]

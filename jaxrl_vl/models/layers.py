@@ -48,6 +48,14 @@ def activation(name: str):
         "gelu": lambda x: jax.nn.gelu(x, approximate=False),
         "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
         "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        # further transformers ACT2FN names a config may carry
+        "swish": jax.nn.silu,
+        "gelu_python": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+        "relu": jax.nn.relu,
+        "sigmoid": jax.nn.sigmoid,
+        "tanh": jnp.tanh,
     }
     if name not in table:
         raise ValueError(f"unsupported hidden_act {name!r}; supported: {sorted(table)}")

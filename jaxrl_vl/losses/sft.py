@@ -1,0 +1,103 @@
+"""Token log-probabilities and the (weighted) cross-entropy loss.
+
+Two ways to get per-token logprobs of the target tokens:
+  token_logprobs(logits, targets)                    from full logits [B, L, V]
+  chunked_token_logprobs(hidden, unembed, targets)   from final hidden states [B, L, H], computing
+      logits chunk by chunk over the sequence under jax.checkpoint, so the [B, L, V] fp32 logits
+      (e.g. 8 x 8192 x 151936 x 4 bytes = 40 GB) never exist at once, forward or backward.
+Both return fp32 [B, L] (and optionally the entropy of the full next-token distribution).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxrl_vl.losses.aggregate import masked
+
+
+def _logprobs_from_logits(logits: jax.Array, targets: jax.Array, temperature: float,
+                          return_entropy: bool):
+    logits = logits.astype(jnp.float32)
+    if temperature != 1.0:
+        logits = logits / temperature  # vLLM reports logprobs of the temperature-scaled softmax
+    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+    target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)
+    logprobs = target_logits[..., 0] - log_normalizer
+    if not return_entropy:
+        return logprobs, None
+    probs = jax.nn.softmax(logits, axis=-1)
+    entropy = log_normalizer - jnp.sum(probs * logits, axis=-1)
+    return logprobs, entropy
+
+
+def token_logprobs(logits: jax.Array, targets: jax.Array, *, temperature: float = 1.0,
+                   return_entropy: bool = False):
+    """logits [B, L, V], targets int [B, L] -> logprobs fp32 [B, L] (, entropy [B, L])."""
+    logprobs, entropy = _logprobs_from_logits(logits, targets, temperature, return_entropy)
+    return (logprobs, entropy) if return_entropy else logprobs
+
+
+def chunked_token_logprobs(hidden: jax.Array, unembed: jax.Array | Callable, targets: jax.Array,
+                           *, chunk_size: int = 1024, dtype=jnp.float32,
+                           temperature: float = 1.0, return_entropy: bool = False):
+    """hidden [B, L, H] (final-norm output), targets int [B, L] -> logprobs fp32 [B, L]
+    (, entropy fp32 [B, L]).
+
+    unembed: the unembedding matrix [V, H] (HF `lm_head.weight` orientation; the tied
+      `embed_tokens.weight` for tied models), or a function h [..., H] -> logits [..., V]
+      (use this when the unembedding has a LoRA overlay).
+    chunk_size: sequence positions per chunk; peak memory ~ B * chunk_size * V * 4 bytes.
+    dtype: matmul input dtype (accumulation and the softmax are fp32).
+    """
+    batch, length, _ = hidden.shape
+    if targets.shape != (batch, length):
+        raise ValueError(f"targets shape {targets.shape} must be hidden's [B, L] = "
+                         f"{(batch, length)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk = min(chunk_size, length)
+    num_chunks = -(-length // chunk)
+    pad = num_chunks * chunk - length
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    # [B, n*C, ...] -> [n, B, C, ...]: lax.map walks the leading (chunk) axis.
+    hidden_chunks = hidden.reshape(batch, num_chunks, chunk, -1).swapaxes(0, 1)
+    target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
+
+    def logits_of(h):
+        if callable(unembed):
+            return unembed(h)
+        return jnp.einsum("bch,vh->bcv", h.astype(dtype), unembed.astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+    # jax.checkpoint: the backward pass recomputes each chunk's logits instead of storing them.
+    @jax.checkpoint
+    def one_chunk(args):
+        h, t = args
+        logprobs, entropy = _logprobs_from_logits(logits_of(h), t, temperature, return_entropy)
+        return (logprobs, entropy) if return_entropy else (logprobs,)
+
+    outputs = jax.lax.map(one_chunk, (hidden_chunks, target_chunks))
+    # [n, B, C] -> [B, L]
+    outputs = [o.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length] for o in outputs]
+    return tuple(outputs) if return_entropy else outputs[0]
+
+
+def cross_entropy_loss(logprobs: jax.Array, weights: jax.Array, *,
+                       reduction: str = "sum") -> jax.Array:
+    """Weighted negative log-likelihood. logprobs, weights [B, L] (float; negative allowed:
+    Tinker's forward_backward_custom sends -dLoss/dlogp as weights) -> scalar.
+
+    reduction: "sum" = sum(-logp * w) (Tinker's `cross_entropy`);
+               "token-mean" = that sum / number of tokens with w != 0 (SFT's usual mean).
+    Tokens with w == 0 contribute exactly 0 even if their logprob is -inf (padding).
+    """
+    total = jnp.sum(masked(-logprobs.astype(jnp.float32), weights.astype(jnp.float32)))
+    if reduction == "sum":
+        return total
+    if reduction == "token-mean":
+        return total / jnp.maximum(jnp.sum(weights != 0), 1)
+    raise ValueError(f"unknown reduction {reduction!r}; valid: 'sum', 'token-mean'")

@@ -1,0 +1,107 @@
+"""Qwen-VL model (Qwen3-VL and Qwen2.5-VL): token embedding + vision tower + text decoder + LM head.
+
+Pure functions over a params tree keyed like the transformers-5 module names:
+  params["model"]["language_model"]  embed_tokens, layers (stacked), norm
+  params["model"]["visual"]          the vision tower (jaxrl_vl.models.vision)
+  params["lm_head"]                  only when the embeddings are not tied
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl_vl.models.checkpoint import expected_shapes, from_hf_state_dict
+from jaxrl_vl.models.config import ModelConfig
+from jaxrl_vl.models.text import decoder
+from jaxrl_vl.models.vision import apply_vision
+
+_INIT_STD = 0.02
+
+
+def init(config: ModelConfig, rng: jax.Array) -> dict:
+    """Random fp32 params with the checkpoint's exact structure: weights ~ N(0, 0.02) (as transformers'
+    initializer_range), norm weights 1, biases 0."""
+    shapes = expected_shapes(config)
+    keys = jax.random.split(rng, len(shapes))
+    state = {}
+    for key, (name, shape) in zip(keys, sorted(shapes.items())):
+        is_norm = any(part in name for part in ("norm", "ln_q")) and name.endswith(".weight")
+        if is_norm:
+            state[name] = np.ones(shape, np.float32)
+        elif name.endswith(".bias"):
+            state[name] = np.zeros(shape, np.float32)
+        else:
+            state[name] = np.asarray(jax.random.normal(key, shape, jnp.float32) * _INIT_STD)
+    return jax.tree_util.tree_map(jnp.asarray, from_hf_state_dict(state, config))
+
+
+def embedding_table(params: dict) -> jax.Array:
+    return params["model"]["language_model"]["embed_tokens"]["weight"]
+
+
+def unembed(params: dict, hidden: jax.Array, config: ModelConfig) -> jax.Array:
+    """hidden [..., D] -> logits [..., V] float32 (lm_head, or the token embedding when tied).
+
+    Multiplies in hidden's dtype and accumulates in fp32. A LoRA overlay on lm_head is honoured."""
+    head = embedding_table(params) if config.tie_word_embeddings else params["lm_head"]["weight"]
+    dtype = hidden.dtype
+    logits = jnp.einsum("...d,vd->...v", hidden, head.astype(dtype), preferred_element_type=jnp.float32)
+    lm_head = params.get("lm_head", {})
+    if "lora_A" in lm_head:
+        low = jnp.einsum("...d,rd->...r", hidden, lm_head["lora_A"].astype(dtype))
+        logits = logits + lm_head["lora_scale"] * jnp.einsum(
+            "...r,vr->...v", low, lm_head["lora_B"].astype(dtype), preferred_element_type=jnp.float32)
+    return logits
+
+
+def _gather_per_token(is_image: jax.Array, rows: jax.Array) -> jax.Array:
+    """[B, L] mask, [N, D] rows -> [B, L, D]: the k-th True position (row-major) gets rows[k], others 0."""
+    flat = is_image.reshape(-1)
+    index = jnp.clip(jnp.cumsum(flat) - 1, 0, rows.shape[0] - 1)
+    out = jnp.where(flat[:, None], rows[index], jnp.zeros((), rows.dtype))
+    return out.reshape(*is_image.shape, rows.shape[-1])
+
+
+def has_images(batch: dict) -> bool:
+    return "pixel_values" in batch and batch["pixel_values"] is not None and batch["pixel_values"].shape[0] > 0
+
+
+def embed_inputs(params: dict, batch: dict, config: ModelConfig, dtype=jnp.float32,
+                 remat: str = "none") -> tuple[jax.Array, jax.Array | None]:
+    """Token embeddings with the vision tower's outputs placed at image-token positions.
+
+    Returns (inputs_embeds [B, L, D] in dtype, deepstack [n, B, L, D] or None). The k-th image token in
+    row-major (b, l) order receives the k-th merged vision embedding, as transformers' masked_scatter."""
+    input_ids = batch["input_ids"]
+    embeds = embedding_table(params)[input_ids].astype(dtype)
+    if not has_images(batch):
+        return embeds, None
+    vinputs = {k: v for k, v in batch.items() if k.startswith("vision_")}
+    image_embeds, deepstack = apply_vision(params["model"]["visual"], config.vision, batch["pixel_values"],
+                                           vinputs, dtype, remat=remat)
+    is_image = input_ids == config.image_token_id
+    embeds = jnp.where(is_image[..., None], _gather_per_token(is_image, image_embeds.astype(dtype)), embeds)
+    if deepstack is None or config.arch != "qwen3_vl" or deepstack.shape[0] == 0:
+        return embeds, None
+    dense = jax.vmap(lambda rows: _gather_per_token(is_image, rows.astype(dtype)))(deepstack)
+    return embeds, dense
+
+
+def apply(params: dict, batch: dict, config: ModelConfig, *, dtype=jnp.float32, remat: str = "none",
+          return_hidden: bool = False) -> jax.Array:
+    """Forward pass. batch: input_ids [B, L], segment_ids [B, L], position_ids [3, B, L], and optionally
+    pixel_values [P, C*T*p*p] + the vision_* arrays (see models.inputs.make_batch).
+
+    Returns logits [B, L, V] float32, or the final normed hidden states [B, L, D] (in dtype) when
+    return_hidden (for chunked cross-entropy via `unembed`)."""
+    embeds, deepstack = embed_inputs(params, batch, config, dtype, remat)
+    hidden = decoder(params["model"]["language_model"], embeds, batch["position_ids"], batch["segment_ids"],
+                     config.text, dtype=dtype, remat=remat, deepstack_embeds=deepstack)
+    if return_hidden:
+        return hidden
+    return unembed(params, hidden, config)
+
+
+def num_params(params: dict) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params)))

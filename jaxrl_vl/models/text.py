@@ -1,0 +1,102 @@
+"""Qwen-VL text decoder (Qwen3-VL and Qwen2.5-VL), pure functions over an HF-named params tree.
+
+params["layers"] holds every decoder layer stacked on axis 0 and is run with `jax.lax.scan`, so the
+compiled program has one layer body whatever the depth. Per-arch differences (all from TextConfig):
+  Qwen3-VL: RMSNorm over head_dim on q and k (before RoPE), interleaved M-RoPE, optional attention bias,
+            DeepStack: visual features of the first ViT taps are added at image positions after
+            decoder layers 0..n_deepstack-1.
+  Qwen2.5-VL: q/k/v bias, no o_proj bias, sectioned M-RoPE, optional sliding window for late layers.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxrl_vl.models.config import TextConfig
+from jaxrl_vl.models.layers import activation, linear, rms_norm
+from jaxrl_vl.models.rope import apply_rotary, rotary_cos_sin
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def attention_mask(segment_ids: jax.Array, sliding_window: int | None = None) -> jax.Array:
+    """bool [B, 1, L, L]: causal, and only within the same segment id (packing).
+
+    Padding (segment 0) attends to earlier padding only; its outputs are ignored, but every query row keeps
+    at least itself so no row is fully masked (no NaN in the softmax or its gradient)."""
+    length = segment_ids.shape[1]
+    q_index = jnp.arange(length)[:, None]
+    k_index = jnp.arange(length)[None, :]
+    mask = (k_index <= q_index)[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if sliding_window is not None:
+        mask = mask & (q_index - k_index < sliding_window)[None]
+    return mask[:, None]
+
+
+def _attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cfg: TextConfig,
+               dtype) -> jax.Array:
+    """x [B, L, D] -> [B, L, D]. GQA: num_attention_heads query heads share num_key_value_heads k/v heads."""
+    batch, length, _ = x.shape
+    q = linear(p["q_proj"], x, dtype).reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
+    k = linear(p["k_proj"], x, dtype).reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    v = linear(p["v_proj"], x, dtype).reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = rms_norm(p["q_norm"], q, cfg.rms_norm_eps)
+        k = rms_norm(p["k_norm"], k, cfg.rms_norm_eps)
+    q = apply_rotary(q, cos, sin)
+    k = apply_rotary(k, cos, sin)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim ** -0.5)
+    return linear(p["o_proj"], out.reshape(batch, length, cfg.num_attention_heads * cfg.head_dim), dtype)
+
+
+def decoder_layer(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cfg: TextConfig,
+                  dtype) -> jax.Array:
+    """One pre-norm decoder layer. x [B, L, D] in the compute dtype."""
+    h = rms_norm(p["input_layernorm"], x, cfg.rms_norm_eps)
+    x = x + _attention(p["self_attn"], h, cos, sin, mask, cfg, dtype)
+    h = rms_norm(p["post_attention_layernorm"], x, cfg.rms_norm_eps)
+    mlp = p["mlp"]
+    gated = activation(cfg.hidden_act)(linear(mlp["gate_proj"], h, dtype)) * linear(mlp["up_proj"], h, dtype)
+    return x + linear(mlp["down_proj"], gated, dtype)
+
+
+def _remat(fn, remat: str):
+    if remat == "none":
+        return fn
+    if remat == "full":
+        return jax.checkpoint(fn)
+    if remat == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"remat={remat!r} is not one of {REMAT_POLICIES}")
+
+
+def decoder(params: dict, inputs_embeds: jax.Array, position_ids: jax.Array, segment_ids: jax.Array,
+            cfg: TextConfig, *, dtype=jnp.float32, remat: str = "none",
+            deepstack_embeds: jax.Array | None = None) -> jax.Array:
+    """Runs all decoder layers and the final norm.
+
+    params: the `model.language_model` subtree (layers stacked). inputs_embeds [B, L, D];
+    position_ids int [3, B, L]; segment_ids int [B, L];
+    deepstack_embeds: [n, B, L, D] dense per-token additions after layers 0..n-1 (zeros off image tokens).
+    Returns the normed hidden states [B, L, D] in `dtype`.
+    """
+    cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
+                              cfg.mrope_interleaved, dtype)
+    full_mask = attention_mask(segment_ids)
+    sliding = cfg.sliding_layers()
+    sliding_mask = attention_mask(segment_ids, cfg.sliding_window) if any(sliding) else None
+    num_deepstack = 0 if deepstack_embeds is None else deepstack_embeds.shape[0]
+
+    def body(x, layer):
+        layer_params, layer_index, is_sliding = layer
+        mask = full_mask if sliding_mask is None else jnp.where(is_sliding, sliding_mask, full_mask)
+        x = decoder_layer(layer_params, x, cos, sin, mask, cfg, dtype)
+        if num_deepstack:
+            # DeepStack: add the visual features of tap `layer_index` after the first n layers
+            extra = deepstack_embeds[jnp.minimum(layer_index, num_deepstack - 1)].astype(x.dtype)
+            x = x + jnp.where(layer_index < num_deepstack, extra, jnp.zeros_like(extra))
+        return x, None
+
+    layers = (params["layers"], jnp.arange(cfg.num_hidden_layers), jnp.asarray(sliding, bool))
+    x, _ = jax.lax.scan(_remat(body, remat), inputs_embeds.astype(dtype), layers)
+    return rms_norm(params["norm"], x, cfg.rms_norm_eps)

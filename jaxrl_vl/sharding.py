@@ -1,0 +1,225 @@
+"""Device mesh, parameter/batch placement and jit shardings for data, FSDP and tensor parallelism.
+
+One mesh with axes ("data", "fsdp", "tensor"):
+  data    pure data parallelism: params replicated, batch split.
+  fsdp    ZeRO-3 style: batch split AND each param split along its largest remaining dim
+          (XLA all-gathers it for the matmul and reduce-scatters its gradient).
+  tensor  Megatron style: column-parallel linears (q/k/v, gate/up, fc1, the vocab dim of the
+          embedding and lm_head) split their output dim; row-parallel ones (o_proj, down, fc2)
+          their input dim.
+Rules are regexes over a param's dotted path (HF names, e.g.
+"model.language_model.layers.self_attn.q_proj.weight"); the leading layer axis of stacked lists
+("layers", "blocks", "deepstack_merger_list") is never split (lax.scan slices it). A dim that a
+mesh axis does not divide stays replicated and the fallback is logged (and listed by
+`describe_param_sharding`). Any placement is numerically correct (XLA inserts the collectives);
+the rules only decide the communication pattern.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+logger = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_MESH_AXES = ("data", "fsdp")  # the batch dim is split over both
+STACKED_LIST_NAMES = ("layers", "blocks", "deepstack_merger_list")
+# Arrays smaller than this stay replicated: splitting them saves nothing and costs collectives.
+MIN_SHARDED_SIZE = 2 ** 12
+
+# (regex on the dotted path, which trailing dim the tensor axis splits). -2 = output dim of an
+# [out, in] weight (column parallel), -1 = input dim (row parallel) or a column-parallel bias.
+TENSOR_PARALLEL_RULES: tuple[tuple[str, int], ...] = (
+    (r"(^|\.)(embed_tokens|lm_head)\.weight$", -2),                       # [vocab, hidden]
+    (r"\.(q_proj|k_proj|v_proj|qkv|gate_proj|up_proj|linear_fc1)\.weight$", -2),
+    (r"\.merger\.mlp\.0\.weight$", -2),                                    # Qwen2.5-VL merger fc1
+    (r"\.(q_proj|k_proj|v_proj|qkv|gate_proj|up_proj|linear_fc1)\.bias$", -1),
+    (r"\.merger\.mlp\.0\.bias$", -1),
+    (r"\.(o_proj|proj|down_proj|linear_fc2)\.weight$", -1),
+    (r"\.merger\.mlp\.2\.weight$", -1),
+)
+# LoRA factors: never tensor-split (rank is tiny); fsdp still splits their largest dim.
+LORA_LEAF = re.compile(r"\.lora_(A|B|scale)$")
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """Mesh of shape (data, fsdp, tensor) over `devices` (default: all). One size may be -1:
+    it takes whatever the device count leaves (fsdp=-1 by default)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one of data/fsdp/tensor may be -1, got {sizes}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes must be positive or -1, got data/fsdp/tensor={sizes}")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices are not divisible by the fixed mesh sizes "
+                             f"{sizes} (product {known})")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh data*fsdp*tensor = {sizes} needs {math.prod(sizes)} devices, "
+                         f"{len(devices)} available; change the sizes or pass devices=")
+    try:  # topology-aware order on GPU/TPU (tensor axis on the fastest links)
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(sizes, devices=devices)
+    except Exception:  # noqa: BLE001 — CPU / odd shapes: plain order is fine
+        grid = np.array(devices).reshape(sizes)
+    return Mesh(grid, MESH_AXES)
+
+
+def path_to_name(path) -> str:
+    """jax tree path -> dotted name ("model.language_model.layers.self_attn.q_proj.weight")."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return ".".join(parts)
+
+
+def _is_stacked(name: str) -> bool:
+    return any(part in STACKED_LIST_NAMES for part in name.split("."))
+
+
+def param_partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh,
+                         min_sharded_size: int = MIN_SHARDED_SIZE) -> tuple[P, list[str]]:
+    """PartitionSpec for one param (by dotted name and shape) + notes about fallbacks."""
+    axes: list[Any] = [None] * len(shape)
+    notes: list[str] = []
+    first = 1 if _is_stacked(name) and len(shape) >= 1 else 0  # stacked layer axis: never split
+    inner = list(range(first, len(shape)))
+    if not inner or math.prod(shape) < min_sharded_size:
+        return P(*axes), notes
+    tensor_size, fsdp_size = mesh.shape["tensor"], mesh.shape["fsdp"]
+
+    if tensor_size > 1 and not LORA_LEAF.search(name):
+        for pattern, dim in TENSOR_PARALLEL_RULES:
+            if re.search(pattern, name):
+                dim = len(shape) + dim
+                if dim < first:
+                    break
+                if shape[dim] % tensor_size == 0:
+                    axes[dim] = "tensor"
+                else:
+                    notes.append(f"dim {dim} (size {shape[dim]}) not divisible by "
+                                 f"tensor={tensor_size}: replicated")
+                break
+
+    if fsdp_size > 1 and len(inner) >= 2:
+        free = [d for d in inner if axes[d] is None]
+        # largest first; ties -> the later (input) dim, so [out, in] weights gather contiguously
+        for dim in sorted(free, key=lambda d: (shape[d], d), reverse=True):
+            if shape[dim] % fsdp_size == 0:
+                axes[dim] = "fsdp"
+                break
+        else:
+            notes.append(f"no dim of {tuple(shape[d] for d in free)} divisible by "
+                         f"fsdp={fsdp_size}: replicated over fsdp")
+    return P(*axes), notes
+
+
+def param_partition_specs(params, mesh: Mesh, min_sharded_size: int = MIN_SHARDED_SIZE):
+    """Tree of PartitionSpecs mirroring `params` (also works for optimizer states holding
+    param-shaped trees: the rules match path suffixes). Logs the replication fallbacks."""
+    fallbacks = []
+
+    def spec(path, leaf):
+        name = path_to_name(path)
+        pspec, notes = param_partition_spec(name, tuple(np.shape(leaf)), mesh, min_sharded_size)
+        fallbacks.extend(f"{name} {tuple(np.shape(leaf))}: {note}" for note in notes)
+        return pspec
+    specs = jax.tree_util.tree_map_with_path(spec, params)
+    if fallbacks:
+        logger.warning("sharding: %d params partly replicated because a mesh axis does not "
+                       "divide their dims:\n  %s", len(fallbacks), "\n  ".join(fallbacks))
+    return specs
+
+
+def param_shardings(params, mesh: Mesh, min_sharded_size: int = MIN_SHARDED_SIZE):
+    """Tree of NamedShardings for params (for jit in_shardings/out_shardings)."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s),
+                        param_partition_specs(params, mesh, min_sharded_size),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_params(params, mesh: Mesh, min_sharded_size: int = MIN_SHARDED_SIZE):
+    """Place every param on the mesh by the rules above."""
+    return jax.device_put(params, param_shardings(params, mesh, min_sharded_size))
+
+
+def describe_param_sharding(params, mesh: Mesh,
+                            min_sharded_size: int = MIN_SHARDED_SIZE) -> list[str]:
+    """Human-readable lines 'name shape -> spec [notes]' (what got split, what fell back)."""
+    lines = []
+
+    def visit(path, leaf):
+        name = path_to_name(path)
+        pspec, notes = param_partition_spec(name, tuple(np.shape(leaf)), mesh, min_sharded_size)
+        lines.append(f"{name} {tuple(np.shape(leaf))} -> {pspec}"
+                     + (f"  [{'; '.join(notes)}]" if notes else ""))
+        return leaf
+    jax.tree_util.tree_map_with_path(visit, params)
+    return lines
+
+
+def batch_partition_spec(key: str, shape: tuple[int, ...], batch_size: int,
+                         seq_len: int | None) -> P:
+    """Per-token arrays [B, L, ...] and per-row arrays [B] (make_batch's scalar extras) split
+    dim 0 over (data, fsdp); M-RoPE `position_ids` [3, B, L] split dim 1; vision arrays (pixel
+    patches of all rows, grid sizes, `vision_*` metadata) and anything else are replicated."""
+    if key.startswith("vision_") or key in ("pixel_values", "image_grid_thw"):
+        return P()
+    if len(shape) >= 2 and shape[:2] == (batch_size, seq_len):
+        return P(BATCH_MESH_AXES)
+    if shape == (batch_size,):
+        return P(BATCH_MESH_AXES)
+    if len(shape) >= 3 and shape[0] == 3 and shape[1:3] == (batch_size, seq_len):
+        return P(None, BATCH_MESH_AXES)
+    return P()
+
+
+def batch_shardings(batch: dict, mesh: Mesh, extra_batch_keys: tuple[str, ...] = ()) -> dict:
+    """NamedShardings for a model batch dict (see `batch_partition_spec`). `extra_batch_keys`
+    names other arrays with leading dim B (e.g. [B, K] per-row features) to split as well.
+    B must divide by data*fsdp (pad the batch otherwise)."""
+    if "input_ids" not in batch:
+        raise ValueError(f"batch needs 'input_ids' [B, L] to find the batch size; keys: "
+                         f"{sorted(batch)}")
+    batch_size, seq_len = np.shape(batch["input_ids"])
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % split:
+        raise ValueError(f"batch size {batch_size} is not divisible by data*fsdp={split}; pad "
+                         f"the batch to a multiple of {split} rows (padding rows have "
+                         f"segment_ids 0) or change the mesh")
+    out = {}
+    for key, value in batch.items():
+        shape = tuple(np.shape(value))
+        if key in extra_batch_keys:
+            if not shape or shape[0] != batch_size:
+                raise ValueError(f"batch[{key!r}] has shape {shape}; extra_batch_keys need "
+                                 f"leading dim B={batch_size}")
+            spec = P(BATCH_MESH_AXES)
+        else:
+            spec = batch_partition_spec(key, shape, batch_size, seq_len)
+        out[key] = NamedSharding(mesh, spec)
+    return out
+
+
+def shard_batch(batch: dict, mesh: Mesh, extra_batch_keys: tuple[str, ...] = ()) -> dict:
+    """Place a batch dict (numpy or jax arrays) on the mesh."""
+    return jax.device_put(dict(batch), batch_shardings(batch, mesh, extra_batch_keys))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding for scalars / small things every device holds (loss, metrics, step counter)."""
+    return NamedSharding(mesh, P())

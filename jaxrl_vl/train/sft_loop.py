@@ -1,0 +1,239 @@
+"""The SFT loop: config -> data pipeline -> jitted steps -> metrics, checkpoints, evals, export.
+
+    summary = run_sft(config)     # configs/base.py documents every field
+
+Resume: when RUN_DIR/checkpoints holds a finished checkpoint (and checkpoint.resume), the state
+(params, optimizer, step, rng) and the data iterator's position are restored, so the rerun takes
+exactly the steps the killed run would have taken; on CPU its final params are bitwise equal
+to an uninterrupted run's (tests/test_train_resume.py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxrl_vl import models, sharding
+from jaxrl_vl.data.pipeline import PipelineSpec, make_dataset, render_records
+from jaxrl_vl.data.render import HFRenderer
+from jaxrl_vl.data.validation import DataReport
+from jaxrl_vl.train import flops, setup
+from jaxrl_vl.train.batches import make_stacked_collate, split_host_stats
+from jaxrl_vl.train.checkpoints import CheckpointStore
+from jaxrl_vl.train.evaluation import JaxGreedyGenerator, generation_accuracy, prompt_from_example
+from jaxrl_vl.train.metrics import MetricsWriter
+from jaxrl_vl.train.optim import make_optimizer
+from jaxrl_vl.train.sft_step import make_eval_nll, make_sft_step
+from jaxrl_vl.train.state import TrainState, create_train_state, state_shardings
+
+log = logging.getLogger("jaxrl_vl.sft")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _stacked_shardings(batch: dict, mesh) -> dict:
+    """Shardings of a [A, ...] stacked batch: each micro-batch placed like a model batch."""
+    first = {k: v[0] for k, v in batch.items()}
+    inner = sharding.batch_shardings(first, mesh)
+    return {k: NamedSharding(mesh, PartitionSpec(None, *inner[k].spec)) for k in batch}
+
+
+def _lora_parts(config, params, rng):
+    """-> (lora tree or None, overlay fn or None, LoraConfig or None)."""
+    if not config.lora.enabled:
+        return None, None, None
+    from jaxrl_vl.models import lora as lora_lib
+    cfg = lora_lib.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets),
+                              include_vision=config.lora.include_vision)
+    return lora_lib.init_lora(params, cfg, rng), (lambda p, l: lora_lib.overlay(p, l, cfg)), cfg
+
+
+class _Data:
+    """Rendered train/eval examples and the renderer (rendering happens once per run)."""
+
+    def __init__(self, config, model_dir: str, model_config):
+        self.renderer = HFRenderer.from_pretrained(model_dir)
+        data = config.data
+        self.report = DataReport()
+        train_records = setup.load_records(data, data.train_split, self.report)
+        self.train = render_records(train_records, self.renderer, max_length=data.max_length,
+                                    on_bad_record=data.bad_examples, report=self.report)
+        wanted = max(config.eval.nll_num_examples, config.eval.num_generation_examples)
+        self.eval_records, self.eval = [], []
+        if wanted > 0:
+            eval_records = setup.fixed_subset(setup.load_records(data, data.eval_split), wanted)
+            by_id = {r["id"]: r for r in eval_records}
+            self.eval = render_records(eval_records, self.renderer, max_length=data.max_length,
+                                       on_bad_record=data.bad_examples)
+            self.eval_records = [by_id[e.id] for e in self.eval]
+        self.collate_kwargs = dict(max_length=data.max_length, loss_on=data.loss_on,
+                                   image_mean=self.renderer.image_mean, image_std=self.renderer.image_std,
+                                   pad_id=self.renderer.pad_token_id)
+
+
+def _evaluate(config, state: TrainState, data: _Data, model_config, eval_nll, generator, lora_overlay) -> dict:
+    """-> {"eval/<split>_nll": ..., "eval/<split>_accuracy": ...} on the fixed held-out subset."""
+    split, results = config.data.eval_split, {}
+    micro = config.train.batch_size // config.train.grad_accum_steps
+    nll_examples = data.eval[:config.eval.nll_num_examples]
+    if nll_examples:
+        collate = make_stacked_collate(model_config, grad_accum_steps=1, packing=False, **data.collate_kwargs)
+        total_nll, total_targets = 0.0, 0.0
+        for start in range(0, len(nll_examples), micro):
+            chunk = nll_examples[start:start + micro]
+            batch, _ = split_host_stats(collate([[e] for e in chunk]))
+            nll, count = eval_nll(state.params, state.lora, {k: v[0] for k, v in batch.items()})
+            total_nll, total_targets = total_nll + float(nll), total_targets + float(count)
+        results[f"eval/{split}_nll"] = total_nll / max(total_targets, 1.0)
+    count = config.eval.num_generation_examples
+    if count > 0 and data.eval:
+        prompts = [prompt_from_example(e, r) for e, r in zip(data.eval[:count], data.eval_records[:count])]
+        params = state.params if lora_overlay is None else lora_overlay(state.params, state.lora)
+        accuracy, samples = generation_accuracy(
+            lambda ps: generator.generate(params, ps, config.eval.max_new_tokens), prompts)
+        results[f"eval/{split}_accuracy"] = accuracy
+        results["eval/sample"] = f"{samples[0]['generated']!r} (reference {samples[0]['reference']!r})"
+    return results
+
+
+def _progress(config, start_step: int):
+    if not config.metrics.progress_bar:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=config.train.num_steps, initial=start_step, file=sys.stderr, dynamic_ncols=True,
+                desc="sft", mininterval=0.5)
+
+
+def run_sft(config) -> dict:
+    """Train per `config`; returns the JSON summary (run_dir, steps, wall_seconds, final eval...)."""
+    wall_start = time.time()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    train_cfg = config.train
+    if train_cfg.batch_size % train_cfg.grad_accum_steps:
+        raise ValueError(f"train.batch_size={train_cfg.batch_size} must be a multiple of "
+                         f"train.grad_accum_steps={train_cfg.grad_accum_steps}")
+    run_dir = setup.resolve_run_dir(config)
+    setup.save_run_config(config, run_dir)
+    model_dir = setup.ensure_model_dir(config.model)
+    model_config, params = models.load(model_dir)
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, lora_rng, state_rng = jax.random.split(rng, 3)
+    if config.model.random_init:
+        params = models.init(model_config, init_rng)
+    data = _Data(config, model_dir, model_config)
+
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    params = sharding.shard_params(jax.tree.map(jnp.asarray, params), mesh)
+    lora, lora_overlay, lora_cfg = _lora_parts(config, params, lora_rng)
+    optimizer, schedule = make_optimizer(config.optim, train_cfg.num_steps)
+    state = create_train_state(params, optimizer, state_rng, lora=lora, mesh=mesh)
+
+    spec = PipelineSpec(batch_size=train_cfg.batch_size, max_length=config.data.max_length, seed=config.seed,
+                        shuffle=config.data.shuffle, num_epochs=config.data.num_epochs or None,
+                        packing=config.data.packing, prefetch_batches=config.data.prefetch,
+                        process_index=jax.process_index(), process_count=jax.process_count())
+    collate = make_stacked_collate(model_config, grad_accum_steps=train_cfg.grad_accum_steps,
+                                   packing=config.data.packing, **data.collate_kwargs)
+    iterator = iter(make_dataset(data.train, spec, collate))
+
+    store = CheckpointStore(os.path.join(run_dir, "checkpoints"), every_steps=config.checkpoint.every_steps,
+                            keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    start_step = 0
+    if config.checkpoint.resume and store.latest_step() is not None:
+        state, data_state, start_step = store.restore(state)
+        iterator.set_state(data_state)
+        log.warning("resumed from %s at step %d", store.directory, start_step)
+
+    dtype = _DTYPES[config.model.dtype]
+    # CPU: no donation, so an async checkpoint's host copy can never alias a reused buffer.
+    donate = jax.default_backend() != "cpu"
+    step_fn = make_sft_step(model_config, optimizer, schedule, dtype=dtype, remat=config.model.remat,
+                            loss_chunk_size=train_cfg.loss_chunk_size, lora_overlay=lora_overlay, donate=donate,
+                            state_shardings=state_shardings(state), metrics_sharding=sharding.replicated(mesh))
+    eval_nll = make_eval_nll(model_config, dtype=dtype, loss_chunk_size=train_cfg.loss_chunk_size,
+                             lora_overlay=lora_overlay)
+    generator = JaxGreedyGenerator(model_config, data.renderer.tokenizer, image_mean=data.renderer.image_mean,
+                                   image_std=data.renderer.image_std, stop_token_ids=(data.renderer.end_id,),
+                                   pad_id=data.renderer.pad_token_id, dtype=dtype)
+    peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, train_cfg.peak_flops_per_device)
+    backward_factor = 1.0 if lora is not None else 2.0
+
+    writer = MetricsWriter(run_dir, config=config.to_dict(), use_wandb=config.metrics.use_wandb,
+                           wandb_project=config.metrics.wandb_project, run_name=config.name,
+                           resume_from_step=start_step)
+    if start_step == 0:
+        writer.write(0, {"data/examples": len(data.train), "data/skipped": data.report.num_skipped,
+                         "data/truncated": data.report.num_truncated, "model/params": models.num_params(params)})
+    bar = _progress(config, start_step)
+    last_eval: dict = {}
+    last_train: dict = {}
+    step = start_step
+    for step in range(start_step + 1, train_cfg.num_steps + 1):
+        batch, host = split_host_stats(next(iterator))
+        batch = jax.device_put(batch, _stacked_shardings(batch, mesh))
+        step_start = time.perf_counter()
+        state, metrics = step_fn(state, batch)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        seconds = time.perf_counter() - step_start
+        seq_len = int(batch["input_ids"].shape[-1])
+        step_flops = flops.train_flops(model_config, num_tokens=int(metrics["tokens"]), seq_len=seq_len,
+                                       num_patches=host["host_num_patches"], num_images=host["host_num_images"],
+                                       backward_factor=backward_factor)
+        last_train = {f"train/{k}": v for k, v in metrics.items()}
+        last_train.update({"train/step_seconds": seconds, "train/tokens_per_second": metrics["tokens"] / seconds,
+                           "train/mfu": flops.mfu(step_flops, seconds, jax.device_count(), peak)})
+        if store.save(step, state, iterator.get_state()):
+            last_train["checkpoint/saved_step"] = step
+        due_eval = config.eval.every_steps > 0 and step % config.eval.every_steps == 0
+        if due_eval and step < train_cfg.num_steps:
+            last_eval = _evaluate(config, state, data, model_config, eval_nll, generator, lora_overlay)
+        if step % train_cfg.log_every_steps == 0 or due_eval:
+            writer.write(step, {**last_train, **(last_eval if due_eval else {})})
+        if bar is not None:
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{last_train['train/tokens_per_second']:.0f}",
+                            **({"acc": f"{last_eval.get(f'eval/{config.data.eval_split}_accuracy', 0):.2f}"}
+                               if last_eval else {}))
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    final_step = max(step, start_step)
+    if store.latest_step() != final_step:
+        store.save(final_step, state, iterator.get_state(), force=True)
+    final_eval = _evaluate(config, state, data, model_config, eval_nll, generator, lora_overlay)
+    writer.write(final_step, final_eval)
+    store.close()
+    writer.close()
+    summary = _finish(config, run_dir, model_dir, model_config, state, lora_cfg, final_step, start_step,
+                      last_train, final_eval, wall_start)
+    return summary
+
+
+def _finish(config, run_dir, model_dir, model_config, state, lora_cfg, final_step, start_step, last_train,
+            final_eval, wall_start) -> dict:
+    """Export, plots and the summary dict."""
+    from jaxrl_vl.train.export import export_state
+    export_dir = None
+    if config.export.at_end:
+        export_dir = export_state(state, model_config, os.path.join(run_dir, "export"), copy_from=model_dir,
+                                  lora_cfg=lora_cfg)
+    plots = []
+    if config.metrics.plot_at_end:
+        from jaxrl_vl.train.plots import plot_run
+        plots = plot_run(run_dir)
+    split = config.data.eval_split
+    summary = {
+        "run_dir": run_dir, "steps": int(final_step), "resumed_from_step": int(start_step),
+        "wall_seconds": round(time.time() - wall_start, 2),
+        "train_loss": last_train.get("train/loss"),
+        f"{split}_nll": final_eval.get(f"eval/{split}_nll"),
+        f"{split}_accuracy": final_eval.get(f"eval/{split}_accuracy"),
+        "export_dir": export_dir, "plots": plots,
+        "checkpoint_dir": os.path.join(run_dir, "checkpoints"),
+    }
+    setup.write_json(os.path.join(run_dir, "summary.json"), summary)
+    return summary

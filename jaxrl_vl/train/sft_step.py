@@ -1,0 +1,120 @@
+"""The SFT training step: one pure jitted function (state, micro-batches) -> (state, metrics).
+
+Loss: masked next-token cross-entropy, summed over every target token of all micro-batches and
+divided by their total count, so gradient accumulation over A micro-batches gives the same
+update as one batch A times larger (up to float summation order).
+
+Batch layout (a dict of arrays with a leading micro-batch axis A, built by train/batches.py):
+  input_ids int32 [A, B, L], segment_ids int32 [A, B, L], position_ids int32 [A, 3, B, L],
+  loss_mask float32 [A, B, L] (1 where token t is a target, predicted from tokens < t),
+  and when images are present pixel_values float32 [A, P, D] + the vision_* arrays [A, P, ...].
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrl_vl import models
+from jaxrl_vl.losses.sft import chunked_token_logprobs, cross_entropy_loss, token_logprobs
+from jaxrl_vl.train.state import TrainState, with_trainable
+
+# Host-side keys that the jitted model never reads (their shapes vary with the image count).
+HOST_ONLY_KEYS = ("image_grid_thw", "num_examples")
+
+
+def shifted_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(targets [B, L], weights [B, L]): position t predicts token t+1 with weight loss_mask[t+1];
+    the last position predicts nothing."""
+    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+    targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+    weights = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
+    # a packed row's next segment starts a new example: never predict across the boundary
+    same_segment = jnp.concatenate([batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1],
+                                    jnp.zeros_like(input_ids[:, :1], bool)], axis=1)
+    return targets, jnp.where(same_segment, weights, 0.0).astype(jnp.float32)
+
+
+def target_logprobs(params: dict, batch: dict, model_config, *, dtype=jnp.float32, remat: str = "none",
+                    loss_chunk_size: int = 0) -> tuple[jax.Array, jax.Array]:
+    """-> (logprobs of the next tokens fp32 [B, L], weights [B, L]) for one (micro-)batch."""
+    targets, weights = shifted_targets(batch)
+    if loss_chunk_size > 0:
+        hidden = models.apply(params, batch, model_config, dtype=dtype, remat=remat, return_hidden=True)
+        logprobs = chunked_token_logprobs(hidden, lambda h: models.unembed(params, h, model_config), targets,
+                                          chunk_size=loss_chunk_size)
+    else:
+        logits = models.apply(params, batch, model_config, dtype=dtype, remat=remat)
+        logprobs = token_logprobs(logits, targets)
+    return logprobs, weights
+
+
+def make_sft_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
+                  dtype=jnp.float32, remat: str = "none", loss_chunk_size: int = 0,
+                  lora_overlay: Callable | None = None, donate: bool = True, state_shardings=None,
+                  metrics_sharding=None):
+    """-> jitted step(state: TrainState, batches: dict [A, ...]) -> (TrainState, metrics dict).
+
+    lora_overlay: (params, lora) -> params with the LoRA tree inserted (models.lora.overlay bound to
+      its LoraConfig); when given, gradients flow to `state.lora` only.
+    state_shardings / metrics_sharding: output shardings (a TrainState of shardings, e.g. from
+      `state_shardings(state)`, and one sharding for all metrics); fixing them keeps the state's
+      placement identical across steps, so the step compiles once.
+    Metrics (fp32 scalars): loss (mean NLL per target token), target_tokens, tokens (non-padding),
+      grad_norm (before clipping), learning_rate (used for this update).
+    """
+
+    def full_params(state_params, trainable):
+        return trainable if lora_overlay is None else lora_overlay(state_params, trainable)
+
+    def micro_nll_sum(trainable, frozen_params, micro_batch, total_targets):
+        params = full_params(frozen_params, trainable)
+        logprobs, weights = target_logprobs(params, micro_batch, model_config, dtype=dtype, remat=remat,
+                                            loss_chunk_size=loss_chunk_size)
+        return cross_entropy_loss(logprobs, weights, reduction="sum") / total_targets
+
+    grad_fn = jax.value_and_grad(micro_nll_sum)
+
+    def step(state: TrainState, batches: dict):
+        batches = {k: v for k, v in batches.items() if k not in HOST_ONLY_KEYS}
+        target_weights = jax.vmap(lambda b: shifted_targets(b)[1])(batches)
+        total_targets = jnp.maximum(jnp.sum(target_weights != 0), 1).astype(jnp.float32)
+        frozen = state.params if lora_overlay is not None else None
+
+        def body(carry, micro_batch):
+            loss_sum, grads_sum = carry
+            loss, grads = grad_fn(state.trainable, frozen, micro_batch, total_targets)
+            return (loss_sum + loss, jax.tree.map(jnp.add, grads_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), batches)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        new_state = with_trainable(state, optax.apply_updates(state.trainable, updates), opt_state)
+        metrics = {
+            "loss": loss,
+            "target_tokens": total_targets,
+            "tokens": jnp.sum(batches["segment_ids"] > 0).astype(jnp.float32),
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+        }
+        return new_state, metrics
+
+    out_shardings = None if state_shardings is None else (state_shardings, metrics_sharding)
+    return jax.jit(step, donate_argnums=(0,) if donate else (), out_shardings=out_shardings)
+
+
+def make_eval_nll(model_config, *, dtype=jnp.float32, loss_chunk_size: int = 0,
+                  lora_overlay: Callable | None = None):
+    """-> jitted nll(params, lora, batch [B, ...]) -> (sum of target NLL, number of targets)."""
+
+    def nll(params, lora, batch):
+        batch = {k: v for k, v in batch.items() if k not in HOST_ONLY_KEYS}
+        if lora_overlay is not None:
+            params = lora_overlay(params, lora)
+        logprobs, weights = target_logprobs(params, batch, model_config, dtype=dtype,
+                                            loss_chunk_size=loss_chunk_size)
+        return cross_entropy_loss(logprobs, weights, reduction="sum"), jnp.sum(weights != 0).astype(jnp.float32)
+
+    return jax.jit(nll)

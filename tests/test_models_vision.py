@@ -1,0 +1,218 @@
+"""Parity of the JAX Qwen3-VL / Qwen2.5-VL vision towers with transformers (fp32, CPU).
+
+Each test builds a small random transformers vision tower, converts its state dict into the
+stacked HF-named params, and feeds both the same images of different sizes (plus a 2-frame clip,
+which attends per frame) in one call, with padding patches on the JAX side.
+"""
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxrl_vl.models.vision import apply_vision, init_vision
+from jaxrl_vl.models.vision_inputs import vision_inputs
+
+
+@pytest.fixture(autouse=True)
+def _full_fp32_matmuls():
+    """GPUs default fp32 matmuls to TF32 (~1e-3 error); parity needs true fp32."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+GRID_THW = np.array([[1, 4, 6], [1, 8, 4], [2, 4, 4], [1, 2, 2]])
+TOL = 1e-5
+
+
+def _tiny_config(arch: str):
+    common = dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=24,
+                  patch_size=4, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
+    if arch == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+        config = Qwen3VLConfig(vision_config=dict(common, hidden_act="gelu_pytorch_tanh",
+                                                  num_position_embeddings=36, deepstack_visual_indexes=[0, 2]))
+    else:
+        from transformers import Qwen2_5_VLConfig
+        # window_size 16 px = 2x2 merged tokens per window, so the test images get several windows.
+        config = Qwen2_5_VLConfig(vision_config=dict(common, hidden_act="silu", window_size=16,
+                                                     fullatt_block_indexes=[1, 3]))
+    vision_config = config.vision_config
+    vision_config._attn_implementation = "eager"
+    return vision_config
+
+
+def _hf_vision_model(arch: str, vision_config):
+    if arch == "qwen3_vl":
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel as cls
+    else:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+            Qwen2_5_VisionTransformerPretrainedModel as cls,
+        )
+    torch.manual_seed(0)
+    model = cls(vision_config).eval()
+    # Re-draw every weight at a scale that makes each sub-layer matter (HF init is std 0.02).
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(0.0, 0.1)
+            if re.search(r"(norm\d?|ln_q)\.weight$", name):
+                param.add_(1.0)
+    return model
+
+
+def _stacked_params(state_dict: dict) -> dict:
+    """HF dotted names -> nested dict; numbered entries of blocks / deepstack_merger_list stacked."""
+    stacked_lists = ("blocks", "deepstack_merger_list")
+    grouped: dict[str, dict[int, np.ndarray]] = {}
+    params: dict = {}
+    for name, tensor in state_dict.items():
+        value = tensor.detach().numpy().astype(np.float32)
+        parts = name.split(".")
+        if parts[0] in stacked_lists:
+            key = ".".join([parts[0]] + parts[2:])
+            grouped.setdefault(key, {})[int(parts[1])] = value
+            continue
+        _set(params, parts, value)
+    for key, by_index in grouped.items():
+        _set(params, key.split("."), np.stack([by_index[i] for i in sorted(by_index)]))
+    return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def _set(tree: dict, parts: list[str], value) -> None:
+    for part in parts[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[parts[-1]] = value
+
+
+def _hf_outputs(model, pixel_values: np.ndarray, grid_thw: np.ndarray):
+    with torch.no_grad():
+        out = model(torch.from_numpy(pixel_values), grid_thw=torch.from_numpy(grid_thw))
+    if isinstance(out, tuple):  # older transformers returned (merged, deepstack_list) tuples
+        merged, deepstack = out[0], (out[1] if len(out) > 1 else None)
+    else:
+        merged, deepstack = out.pooler_output, getattr(out, "deepstack_features", None)
+    deepstack = None if not deepstack else np.stack([d.numpy() for d in deepstack])
+    return merged.numpy(), deepstack
+
+
+def _patches(vision_config, grid_thw, num_padding: int, seed: int):
+    patch_dim = 3 * vision_config.temporal_patch_size * vision_config.patch_size ** 2
+    rng = np.random.default_rng(seed)
+    real = rng.normal(size=(int(np.prod(grid_thw, axis=1).sum()), patch_dim)).astype(np.float32)
+    padding = 100.0 * rng.normal(size=(num_padding, patch_dim)).astype(np.float32)  # junk must not leak
+    return real, np.concatenate([real, padding])
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
+def test_vision_tower_matches_transformers(arch):
+    vision_config = _tiny_config(arch)
+    model = _hf_vision_model(arch, vision_config)
+    params = _stacked_params(model.state_dict())
+    real, padded = _patches(vision_config, GRID_THW, num_padding=12, seed=1)
+    num_real_tokens = real.shape[0] // 4
+
+    want_embeds, want_deepstack = _hf_outputs(model, real, GRID_THW)
+    vinputs = vision_inputs(vision_config, GRID_THW, padded.shape[0])
+    forward = jax.jit(lambda p, x, v: apply_vision(p, vision_config, x, v, jnp.float32))
+    embeds, deepstack = forward(params, jnp.asarray(padded), vinputs)
+
+    assert embeds.shape == (padded.shape[0] // 4, vision_config.out_hidden_size)
+    np.testing.assert_allclose(np.asarray(embeds)[:num_real_tokens], want_embeds, atol=TOL, rtol=0)
+    if arch == "qwen3_vl":
+        assert want_deepstack.shape[0] == 2 and deepstack.shape[0] == 2
+        np.testing.assert_allclose(np.asarray(deepstack)[:, :num_real_tokens], want_deepstack, atol=TOL, rtol=0)
+    else:
+        assert deepstack is None and want_deepstack is None
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
+def test_padding_and_other_images_do_not_change_an_image(arch):
+    vision_config = _tiny_config(arch)
+    params = _stacked_params(_hf_vision_model(arch, vision_config).state_dict())
+    real, padded = _patches(vision_config, GRID_THW, num_padding=20, seed=2)
+    alone = real[: 4 * 6]  # the first image on its own, no padding
+    forward = lambda x, grid: apply_vision(params, vision_config, jnp.asarray(x),
+                                           vision_inputs(vision_config, grid, x.shape[0]))
+    together, _ = forward(padded, GRID_THW)
+    single, _ = forward(alone, GRID_THW[:1])
+    np.testing.assert_allclose(np.asarray(together)[:6], np.asarray(single), atol=TOL, rtol=0)
+
+
+def test_vision_inputs_reject_bad_shapes():
+    vision_config = _tiny_config("qwen2_5_vl")
+    with pytest.raises(ValueError, match="num_patches_padded"):
+        vision_inputs(vision_config, GRID_THW, 10)
+    with pytest.raises(ValueError, match="multiple of spatial_merge_size"):
+        vision_inputs(vision_config, GRID_THW, int(np.prod(GRID_THW, axis=1).sum()) + 1)
+    with pytest.raises(ValueError, match="spatial_merge_size"):
+        vision_inputs(vision_config, np.array([[1, 3, 4]]), 16)
+
+
+def test_window_order_matches_transformers():
+    from transformers.vision_utils import get_vision_window_index
+
+    vision_config = _tiny_config("qwen2_5_vl")
+    grid = np.array([[1, 6, 10], [2, 4, 4], [1, 8, 2]])
+    window_index, cu_window_seqlens = get_vision_window_index(
+        torch.from_numpy(grid), spatial_merge_size=2, window_size=16, patch_size=4)
+    num_patches = int(np.prod(grid, axis=1).sum())
+    v = vision_inputs(vision_config, grid, num_patches + 8)
+    unit = 4
+    np.testing.assert_array_equal(v["vision_window_order"][:num_patches:unit] // unit, window_index.numpy())
+    window_ids = v["vision_window_segment_ids"][:num_patches]
+    boundaries = np.flatnonzero(np.diff(window_ids)) + 1
+    np.testing.assert_array_equal(np.concatenate([[0], boundaries, [num_patches]]), cu_window_seqlens.numpy())
+    assert (v["vision_window_segment_ids"][num_patches:] == 0).all()
+    np.testing.assert_array_equal(v["vision_window_order"][v["vision_merged_inverse_order"] * unit] // unit,
+                                  np.arange((num_patches + 8) // unit))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
+def test_init_vision_has_transformers_names_and_shapes(arch):
+    vision_config = _tiny_config(arch)
+    want = _stacked_params(_hf_vision_model(arch, vision_config).state_dict())
+    got = init_vision(vision_config, jax.random.PRNGKey(0))
+    shapes = lambda tree: jax.tree_util.tree_map(lambda a: tuple(a.shape), tree)
+    assert shapes(got) == shapes(want)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
+def test_project_model_config_gives_same_result(arch):
+    """The project's ModelConfig.vision (built from the HF config dict) plugs in unchanged."""
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+
+    from jaxrl_vl.models.config import ModelConfig
+
+    vision_config = _tiny_config(arch)
+    text_config = dict(hidden_size=vision_config.out_hidden_size, num_attention_heads=2, num_key_value_heads=1,
+                       intermediate_size=32, num_hidden_layers=1, head_dim=12,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 2, 2]})
+    hf_config = (Qwen3VLConfig if arch == "qwen3_vl" else Qwen2_5_VLConfig)(
+        vision_config=vision_config.to_dict(), text_config=text_config)
+    project_vision = ModelConfig.from_hf_dict(hf_config.to_dict()).vision
+    params = init_vision(vision_config, jax.random.PRNGKey(1), initializer_range=0.2)
+    _, padded = _patches(vision_config, GRID_THW, num_padding=4, seed=3)
+    results = [apply_vision(params, cfg, jnp.asarray(padded), vision_inputs(cfg, GRID_THW, padded.shape[0]))
+               for cfg in (vision_config, project_vision)]
+    np.testing.assert_array_equal(np.asarray(results[0][0]), np.asarray(results[1][0]))
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
+def test_remat_keeps_gradients(arch):
+    vision_config = _tiny_config(arch)
+    params = init_vision(vision_config, jax.random.PRNGKey(2), initializer_range=0.2)
+    _, padded = _patches(vision_config, GRID_THW, num_padding=4, seed=4)
+    vinputs = vision_inputs(vision_config, GRID_THW, padded.shape[0])
+
+    def loss(p, remat):
+        embeds, deepstack = apply_vision(p, vision_config, jnp.asarray(padded), vinputs, remat=remat)
+        return jnp.sum(embeds ** 2) + (0.0 if deepstack is None else jnp.sum(deepstack ** 2))
+
+    grads = [jax.jit(jax.grad(loss), static_argnums=1)(params, remat) for remat in ("none", "full")]
+    for plain, remat in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+        np.testing.assert_allclose(np.asarray(remat), np.asarray(plain), atol=1e-5, rtol=1e-5)
+    assert float(jnp.abs(grads[0]["blocks"]["attn"]["qkv"]["weight"]).max()) > 0

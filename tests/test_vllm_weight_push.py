@@ -1,0 +1,111 @@
+"""Weight push (`reload` transport) into the real CPU vLLM server of the session.
+
+A push of perturbed weights changes vLLM's logprobs exactly as transformers predicts for those
+weights (fp32), the version label follows the push, images seen before the push are served
+again after it (pause/resume clears the encoder cache), restoring the weights restores the logprobs
+bit for bit, and a failed push leaves the server serving the previous version.
+"""
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jaxrl_vl.rollout.client import VLLMClient, sampled_logprobs, weight_versions
+from jaxrl_vl.rollout.messages import to_openai_messages
+from jaxrl_vl.rollout.mm_decode import decode_images, normalize_pixels
+from jaxrl_vl.rollout.weight_push import (WeightPushError, check_weight_versions, push_state_dict,
+                                          reload_from_folder, server_weight_version)
+
+pytestmark = pytest.mark.vllm
+
+
+def _read_state(model_dir: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(f"{model_dir}/model.safetensors")
+
+
+def _hf_sampled_logprobs(model_dir, state, prompt_ids, sampled_ids, pixels, grid_thw, image_mean, image_std):
+    """transformers fp32 logprobs of `sampled_ids` after `prompt_ids`, with `state` loaded."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
+    ids = torch.tensor([prompt_ids + sampled_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=torch.from_numpy(normalize_pixels(pixels, image_mean, image_std)),
+                       image_grid_thw=torch.from_numpy(grid_thw.astype(np.int64))).logits[0]
+    logprobs = torch.log_softmax(logits.double(), -1)
+    positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(sampled_ids) - 1)
+    return logprobs[positions, torch.tensor(sampled_ids)].numpy()
+
+
+def test_push_changes_logprobs_as_transformers_predicts(vllm_server, tiny_model_dir, tmp_path):
+    from transformers import AutoProcessor
+
+    image_processor = AutoProcessor.from_pretrained(tiny_model_dir).image_processor
+    original = _read_state(tiny_model_dir)
+    rng = np.random.default_rng(0)
+    perturbed = {k: (v * np.float32(1.5) if k == "lm_head.weight" else
+                     v + np.float32(0.02) * rng.standard_normal(v.shape, dtype=np.float32)) for k, v in original.items()}
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 256, (80, 120, 3), dtype=np.uint8))
+    messages = to_openai_messages([{"role": "user", "content": [{"type": "image", "image": image},
+                                                                {"type": "text", "text": "Which way?"}]}])
+    sampling = {"temperature": 1.0, "max_tokens": 10, "seed": 11, "logprobs": 0, "ignore_eos": True}
+
+    async def scenario(client):
+        rendered = await client.render(messages)
+        before = await client.generate(rendered, sampling)
+        try:
+            pushed = await push_state_dict(perturbed, [client], version=7, root=str(tmp_path))
+            after = await client.generate(rendered, sampling)  # same image again, after the reload
+            version = await server_weight_version(client)
+        finally:
+            restored_push = await push_state_dict(original, [client], version=0, root=str(tmp_path))
+        restored = await client.generate(rendered, sampling)
+        return rendered, before, pushed, after, version, restored_push, restored
+
+    async def main():
+        async with VLLMClient(vllm_server.url, vllm_server.served_model_name) as client:
+            return await scenario(client)
+
+    rendered, before, pushed, after, version, restored_push, restored = asyncio.run(main())
+    assert version == "7" and pushed.version == "7" and pushed.num_tensors == len(original)
+    assert pushed.num_bytes == sum(v.nbytes for v in original.values()) and pushed.reload_seconds > 0
+    choice = after["choices"][0]
+    assert weight_versions(choice) == ["7"] and check_weight_versions(choice, 7)
+    assert not check_weight_versions(before["choices"][0], 7)
+
+    pixels, grid_thw = decode_images(rendered["features"])
+    expected = _hf_sampled_logprobs(tiny_model_dir, perturbed, rendered["token_ids"], choice["token_ids"], pixels,
+                                    grid_thw, image_processor.image_mean, image_processor.image_std)
+    np.testing.assert_allclose(sampled_logprobs(choice), expected, atol=1e-4, rtol=0)
+    before_choice = before["choices"][0]
+    expected_before = _hf_sampled_logprobs(tiny_model_dir, original, rendered["token_ids"],
+                                           before_choice["token_ids"], pixels, grid_thw,
+                                           image_processor.image_mean, image_processor.image_std)
+    np.testing.assert_allclose(sampled_logprobs(before_choice), expected_before, atol=1e-4, rtol=0)
+    # restoring the weights restores the sample and its logprobs exactly
+    assert restored["choices"][0]["token_ids"] == before_choice["token_ids"]
+    assert sampled_logprobs(restored["choices"][0]) == sampled_logprobs(before_choice)
+    assert weight_versions(restored["choices"][0]) == ["0"] and restored_push.version == "0"
+
+
+def test_failed_push_keeps_server_serving_previous_version(vllm_server, tmp_path):
+    async def scenario(client):
+        version_before = await server_weight_version(client)
+        with pytest.raises(WeightPushError, match="previous weights version"):
+            await reload_from_folder(client, str(tmp_path / "does-not-exist"), version=99)
+        response = await client.generate([1, 2, 3], {"max_tokens": 2, "seed": 0, "ignore_eos": True})
+        paused = await client.request("GET", "/is_paused")
+        return version_before, await server_weight_version(client), response, paused
+
+    async def main():
+        async with VLLMClient(vllm_server.url, vllm_server.served_model_name) as client:
+            return await scenario(client)
+
+    version_before, version_after, response, paused = asyncio.run(main())
+    assert version_after == version_before != "99"
+    assert paused == {"is_paused": False} and len(response["choices"][0]["token_ids"]) == 2
