@@ -12,6 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.name = "run"             # default run dir is runs/<name>; rerunning the same command resumes it
     c.run_dir = ""             # where checkpoints, metrics.jsonl, plots and the export go
     c.seed = 0
+    c.distributed = "auto"     # jax.distributed.initialize(): "auto" (multi-host TPU / coordinator env), "on", "off"
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""          # HF checkpoint folder (config.json, safetensors, tokenizer, processor)
@@ -66,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.max_grad_norm = 1.0  # 0 = no clipping
 
     c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.dir = ""       # default RUN_DIR/checkpoints; may be gs://bucket/path (Orbax writes there)
     c.checkpoint.every_steps = 50
     c.checkpoint.keep = 2
     c.checkpoint.async_save = True

@@ -22,6 +22,8 @@ TRAINERS = ("sft", "rl")
 
 def run(config) -> dict:
     """Dispatch on config.trainer; returns the summary dict."""
+    from jaxrl_vl.train.setup import maybe_initialize_distributed
+    maybe_initialize_distributed(config.get("distributed", "auto"))
     if config.trainer == "sft":
         from jaxrl_vl.train.sft_loop import run_sft
         return run_sft(config)

@@ -182,3 +182,39 @@ def test_process_exits_cleanly_with_a_live_prefetching_iterator():
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "3" and "Exception ignored" not in result.stderr
+
+
+class CountingRenderer:
+    """The real HFRenderer, counting how often each chat is rendered."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        for name in ("image_mean", "image_std", "pad_token_id", "image_token_id", "end_id", "tokenizer"):
+            setattr(self, name, getattr(inner, name))
+
+    def render(self, messages, tools=None):
+        self.calls += 1
+        return self.inner.render(messages, tools=tools)
+
+
+def test_lazy_rendering_matches_eager_renders_once_and_resumes(tmp_path, renderer):
+    from jaxrl_vl.data.pipeline import LazyRenderedRecords
+
+    records = sources.read_jsonl(_bad_data_jsonl(tmp_path))  # 2 good records, 7 bad ones
+    records = records + [dict(r, id=r["id"] + "-copy") for r in records if r["id"].startswith("ok")]
+    eager = render_records(records, renderer, max_length=64, truncate=False)
+    spec = PipelineSpec(batch_size=1, max_length=64, seed=2, num_epochs=3)
+    want = _flat(make_dataset(LazyRenderedRecords(records, renderer, max_length=64, truncate=False), spec, ids_of))
+    assert sorted(want) == sorted([e.id for e in eager] * 3)  # shuffled over all records, bad ones dropped
+    counting = CountingRenderer(renderer)
+    lazy = LazyRenderedRecords(records, counting, max_length=64, truncate=False)
+    iterator = iter(make_dataset(lazy, spec, ids_of))
+    head = [next(iterator) for _ in range(5)]
+    resumed = iter(make_dataset(lazy, spec, ids_of))
+    resumed.set_state(iterator.get_state())
+    assert _flat(head + list(resumed)) == want and len(want) == 12
+    # the ones that got as far as the renderer (schema-valid, images loadable) rendered once each
+    assert counting.calls == 5 and lazy.report.num_ok == 4 and lazy.report.num_skipped == 7
+    with pytest.raises(BadRecordError, match="id='missing'"):
+        list(make_dataset(LazyRenderedRecords(records, renderer, max_length=64, on_bad_record="raise"),
+                          PipelineSpec(batch_size=1, max_length=64, shuffle=False), ids_of))

@@ -122,3 +122,18 @@ def test_qwen2_5_vl_checkpoint_pixels_use_its_clip_normalisation(tiny_model_dirs
     np.testing.assert_allclose(normalize_pixels(example.pixel_values, renderer.image_mean, renderer.image_std),
                                reference["pixel_values"], atol=1e-5)
     assert _decode(renderer, example.input_ids).startswith("<|im_start|>system\nYou are a helpful assistant.")
+
+
+def test_chat_template_json_of_older_checkpoints_is_used(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    model_dir = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, model_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    template = (model_dir / "chat_template.jinja").read_text()
+    (model_dir / "chat_template.jinja").unlink()
+    (model_dir / "chat_template.json").write_text(json.dumps({"chat_template": "{#- json -#}" + template}))
+    renderer = HFRenderer.from_pretrained(str(model_dir))
+    assert renderer.tokenizer.chat_template.startswith("{#- json -#}")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert renderer.render(messages).input_ids.tolist() == HFRenderer.from_pretrained(tiny_model_dir).render(messages).input_ids.tolist()

@@ -26,6 +26,7 @@ from jaxrl_vl import models  # noqa: E402
 from jaxrl_vl.models import lora as lora_lib  # noqa: E402
 
 TOLERANCE = 1e-4
+pytestmark = pytest.mark.slow  # ~45 s CPU: two tiny HF models, their peft twins, a few compiles
 SPECIAL_IDS = dict(image_token_id=250, video_token_id=251, vision_start_token_id=248,
                    vision_end_token_id=249)
 

@@ -22,6 +22,13 @@ from test_models_parity import build_hf_model, check_parity  # noqa: E402
 HF_CLASSES = {"qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 
+@pytest.fixture(autouse=True)
+def _full_precision_matmuls():
+    """fp32 parity needs fp32 matmuls: on GPUs XLA would otherwise use TF32 (no effect on CPU)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 @pytest.fixture(scope="module", params=["qwen3_vl", "qwen2_5_vl"])
 def saved(request, tmp_path_factory):
     path = str(tmp_path_factory.mktemp(request.param))

@@ -20,9 +20,23 @@ transformers = pytest.importorskip("transformers")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import check_parity  # noqa: E402
 
-from jaxrl_vl.models import apply, load, make_batch, unembed  # noqa: E402
+from jaxrl_vl.models import load, make_batch, unembed  # noqa: E402
+from jaxrl_vl.models import apply as apply_eager  # noqa: E402
+
+# jitted once per (config, dtype, remat, return_hidden): eager dispatch of every op is what makes
+# un-jitted model tests slow on a busy CPU
+apply = jax.jit(apply_eager, static_argnames=("config", "dtype", "remat", "return_hidden"))
 
 TOLERANCE = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _full_precision_matmuls():
+    """fp32 parity needs fp32 matmuls: on GPUs XLA would otherwise use TF32 (no effect on CPU)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 SPECIAL_IDS = dict(image_token_id=250, video_token_id=251, vision_start_token_id=248, vision_end_token_id=249)
 
 
@@ -82,6 +96,7 @@ def test_logits_match_transformers(model_dirs, arch, tie):
     assert result["max_abs_logit_diff"] <= TOLERANCE, result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,overrides", [
     ("qwen3_vl", dict(attention_bias=True, num_key_value_heads=4)),
     ("qwen2_5_vl", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1, num_key_value_heads=1)),
@@ -109,6 +124,7 @@ def _synthetic_batch(config, seed=0):
     return rows, make_batch(rows, config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
 def test_remat_policies_and_hidden_states_agree(model_dirs, arch):
     config, params = load(model_dirs[(arch, False)])
@@ -118,11 +134,13 @@ def test_remat_policies_and_hidden_states_agree(model_dirs, arch):
         np.testing.assert_allclose(np.asarray(apply(params, batch, config, remat=remat)), reference, atol=1e-5)
     hidden = apply(params, batch, config, return_hidden=True)
     assert hidden.shape == batch["input_ids"].shape + (config.text.hidden_size,)
-    np.testing.assert_allclose(np.asarray(unembed(params, hidden, config)), reference, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jax.jit(unembed, static_argnums=2)(params, hidden, config)), reference,
+                               atol=1e-5)
     with pytest.raises(ValueError, match="remat"):
-        apply(params, batch, config, remat="sometimes")
+        apply_eager(params, batch, config, remat="sometimes")
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_close_to_float32(model_dirs):
     config, params = load(model_dirs[("qwen3_vl", False)])
     _, batch = _synthetic_batch(config)
@@ -134,6 +152,7 @@ def test_bfloat16_compute_close_to_float32(model_dirs):
     assert np.abs(np.asarray(half)[real] - full[real]).max() < 0.1 * scale
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
 def test_packed_row_equals_separate_rows(model_dirs, arch):
     """Two examples packed into one row (segment ids 1, 2) give the same logits as two separate rows."""
@@ -155,6 +174,7 @@ def test_packed_row_equals_separate_rows(model_dirs, arch):
                                separate_logits[2, :len(second["input_ids"])], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_gradients_are_finite_with_padding(model_dirs):
     config, params = load(model_dirs[("qwen3_vl", True)])
     _, batch = _synthetic_batch(config)
@@ -164,7 +184,7 @@ def test_gradients_are_finite_with_padding(model_dirs):
         logits = apply(p, batch, config, remat="full")
         return jnp.sum(jax.nn.logsumexp(logits, axis=-1) * mask) / jnp.sum(mask)
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)
     leaves = jax.tree_util.tree_leaves(grads)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     visual_grad = grads["model"]["visual"]["blocks"]["attn"]["qkv"]["weight"]
@@ -191,3 +211,34 @@ def test_left_padded_batch_matches_transformers(model_dirs, arch):
     real = left["segment_ids"] > 0
     assert not real[:, 0].all()  # some rows really are left-padded
     np.testing.assert_allclose(ours[real], hf_logits[real], atol=TOLERANCE)
+
+
+def test_make_batch_fixed_shapes_and_errors(model_dirs):
+    config, params = load(model_dirs[("qwen3_vl", False)])
+    rows = [{"input_ids": np.array([5, 6, 7], np.int32), "loss_mask": np.array([0, 1, 1], np.float32)},
+            {"input_ids": np.array([8, 9], np.int32), "loss_mask": np.array([1, 1], np.float32)}]
+    plain = make_batch(rows, config)
+    padded = make_batch(rows, config, pad_to_length=8, pad_patches_to=32)
+    assert padded["input_ids"].shape == (2, 8) and padded["pixel_values"].shape == (32, config.vision.patch_dim)
+    np.testing.assert_array_equal(padded["loss_mask"], [[0, 1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]])
+    # padding patches (no image tokens) change nothing
+    np.testing.assert_allclose(np.asarray(apply(params, padded, config))[:, :3],
+                               np.asarray(apply(params, plain, config)), atol=1e-5)
+    image_row, = [r for r in check_parity._synthetic_rows(config, np.random.default_rng(0)) if "pixel_values" in r][:1]
+    with pytest.raises(ValueError, match="image tokens"):
+        first_image_token = int(np.argmax(image_row["input_ids"] == config.image_token_id))
+        make_batch([{**image_row, "input_ids": np.delete(image_row["input_ids"], first_image_token)}], config)
+    with pytest.raises(ValueError, match="uint8"):
+        make_batch([{**image_row, "pixel_values": np.zeros(image_row["pixel_values"].shape, np.uint8)}], config)
+    with pytest.raises(ValueError, match="pad_to_length=2"):
+        make_batch(rows, config, pad_to_length=2)
+    with pytest.raises(ValueError, match="'loss_mask' is missing in row 1"):
+        make_batch([rows[0], {"input_ids": rows[1]["input_ids"]}], config)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
+def test_tiny_checkpoint_with_processor_matches_transformers(tiny_model_dirs, arch):
+    """The project's tiny checkpoints (tools/make_tiny_model.py): batch made by their own processor."""
+    result = check_parity.run(tiny_model_dirs[arch])
+    assert result["batch_source"] == "processor" and result["num_images"] == 3
+    assert result["max_abs_logit_diff"] <= TOLERANCE, result

@@ -46,6 +46,20 @@ def _tiny_config(arch: str):
     return vision_config
 
 
+def _project_vision_config(arch: str, vision_config):
+    """The project's ModelConfig.vision read from the HF config dict (what training code passes)."""
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+
+    from jaxrl_vl.models.config import ModelConfig
+
+    text_config = dict(hidden_size=vision_config.out_hidden_size, num_attention_heads=2, num_key_value_heads=1,
+                       intermediate_size=32, num_hidden_layers=1, head_dim=12,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 2, 2]})
+    hf_config = (Qwen3VLConfig if arch == "qwen3_vl" else Qwen2_5_VLConfig)(
+        vision_config=vision_config.to_dict(), text_config=text_config)
+    return ModelConfig.from_hf_dict(hf_config.to_dict()).vision
+
+
 def _hf_vision_model(arch: str, vision_config):
     if arch == "qwen3_vl":
         from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel as cls
@@ -116,8 +130,10 @@ def test_vision_tower_matches_transformers(arch):
     num_real_tokens = real.shape[0] // 4
 
     want_embeds, want_deepstack = _hf_outputs(model, real, GRID_THW)
-    vinputs = vision_inputs(vision_config, GRID_THW, padded.shape[0])
-    forward = jax.jit(lambda p, x, v: apply_vision(p, vision_config, x, v, jnp.float32))
+    # The JAX side reads the project's own VisionConfig (converted from the HF config dict).
+    project_config = _project_vision_config(arch, vision_config)
+    vinputs = vision_inputs(project_config, GRID_THW, padded.shape[0])
+    forward = jax.jit(lambda p, x, v: apply_vision(p, project_config, x, v, jnp.float32))
     embeds, deepstack = forward(params, jnp.asarray(padded), vinputs)
 
     assert embeds.shape == (padded.shape[0] // 4, vision_config.out_hidden_size)
@@ -135,8 +151,8 @@ def test_padding_and_other_images_do_not_change_an_image(arch):
     params = _stacked_params(_hf_vision_model(arch, vision_config).state_dict())
     real, padded = _patches(vision_config, GRID_THW, num_padding=20, seed=2)
     alone = real[: 4 * 6]  # the first image on its own, no padding
-    forward = lambda x, grid: apply_vision(params, vision_config, jnp.asarray(x),
-                                           vision_inputs(vision_config, grid, x.shape[0]))
+    jitted = jax.jit(lambda x, v: apply_vision(params, vision_config, x, v))
+    forward = lambda x, grid: jitted(jnp.asarray(x), vision_inputs(vision_config, grid, x.shape[0]))
     together, _ = forward(padded, GRID_THW)
     single, _ = forward(alone, GRID_THW[:1])
     np.testing.assert_allclose(np.asarray(together)[:6], np.asarray(single), atol=TOL, rtol=0)
@@ -150,6 +166,16 @@ def test_vision_inputs_reject_bad_shapes():
         vision_inputs(vision_config, GRID_THW, int(np.prod(GRID_THW, axis=1).sum()) + 1)
     with pytest.raises(ValueError, match="spatial_merge_size"):
         vision_inputs(vision_config, np.array([[1, 3, 4]]), 16)
+
+
+def test_apply_vision_names_missing_inputs():
+    vision_config = _tiny_config("qwen3_vl")
+    params = init_vision(vision_config, jax.random.PRNGKey(0))
+    wrong_arch_inputs = vision_inputs(_tiny_config("qwen2_5_vl"), GRID_THW[:1], 24)
+    with pytest.raises(ValueError, match="vision_interp_indices"):
+        apply_vision(params, vision_config, jnp.zeros((24, 96)), wrong_arch_inputs)
+    with pytest.raises(ValueError, match="pixel_values"):
+        apply_vision(params, vision_config, jnp.zeros((24, 95)), vision_inputs(vision_config, GRID_THW[:1], 24))
 
 
 def test_window_order_matches_transformers():
@@ -180,31 +206,11 @@ def test_init_vision_has_transformers_names_and_shapes(arch):
     assert shapes(got) == shapes(want)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
-def test_project_model_config_gives_same_result(arch):
-    """The project's ModelConfig.vision (built from the HF config dict) plugs in unchanged."""
-    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
-
-    from jaxrl_vl.models.config import ModelConfig
-
-    vision_config = _tiny_config(arch)
-    text_config = dict(hidden_size=vision_config.out_hidden_size, num_attention_heads=2, num_key_value_heads=1,
-                       intermediate_size=32, num_hidden_layers=1, head_dim=12,
-                       rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 2, 2]})
-    hf_config = (Qwen3VLConfig if arch == "qwen3_vl" else Qwen2_5_VLConfig)(
-        vision_config=vision_config.to_dict(), text_config=text_config)
-    project_vision = ModelConfig.from_hf_dict(hf_config.to_dict()).vision
-    params = init_vision(vision_config, jax.random.PRNGKey(1), initializer_range=0.2)
-    _, padded = _patches(vision_config, GRID_THW, num_padding=4, seed=3)
-    results = [apply_vision(params, cfg, jnp.asarray(padded), vision_inputs(cfg, GRID_THW, padded.shape[0]))
-               for cfg in (vision_config, project_vision)]
-    np.testing.assert_array_equal(np.asarray(results[0][0]), np.asarray(results[1][0]))
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
 def test_remat_keeps_gradients(arch):
     vision_config = _tiny_config(arch)
-    params = init_vision(vision_config, jax.random.PRNGKey(2), initializer_range=0.2)
+    params = init_vision(vision_config, jax.random.PRNGKey(2), initializer_range=0.1)
     _, padded = _patches(vision_config, GRID_THW, num_padding=4, seed=4)
     vinputs = vision_inputs(vision_config, GRID_THW, padded.shape[0])
 
@@ -214,5 +220,7 @@ def test_remat_keeps_gradients(arch):
 
     grads = [jax.jit(jax.grad(loss), static_argnums=1)(params, remat) for remat in ("none", "full")]
     for plain, remat in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
-        np.testing.assert_allclose(np.asarray(remat), np.asarray(plain), atol=1e-5, rtol=1e-5)
+        # Recomputation may fuse differently, so compare relative to each leaf's gradient scale.
+        scale = float(jnp.abs(plain).max()) + 1e-12
+        np.testing.assert_allclose(np.asarray(remat) / scale, np.asarray(plain) / scale, atol=1e-5, rtol=0)
     assert float(jnp.abs(grads[0]["blocks"]["attn"]["qkv"]["weight"]).max()) > 0

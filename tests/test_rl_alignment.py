@@ -18,7 +18,7 @@ from jaxrl_vl.rollout.agent_loop import (AgentConfig, AlignmentError, SpecialTok
 from jaxrl_vl.rollout.client import VLLMClient
 from jaxrl_vl.rollout.messages import to_openai_messages
 from jaxrl_vl.rollout.mm_decode import decode_images
-from jaxrl_vl.rollout.trajectory import training_rows
+from jaxrl_vl.rollout.trajectory import Segment, Trajectory, rollout_metrics, save_sample, training_rows
 
 TOKENS = SpecialTokens(im_start=1, im_end=2, image=9)
 
@@ -43,6 +43,43 @@ def test_append_items_shifts_only_new_placeholders():
     assert _append_items(later, rendered, 20, 7) == [1]
     assert later["mm_placeholders"]["image"] == [{"offset": 37, "length": 4}]
     assert later["mm_hashes"]["image"] == ["b"] and later["kwargs_data"]["image"] == ["kb"]
+
+
+def _trajectory(group, sample, rewards, success, segments):
+    return Trajectory(group_index=group, sample_index=sample, env_seed=group, segments=segments,
+                      turn_rewards=rewards, weight_versions=[["0"]] * len(rewards),
+                      finish_reasons=["stop"] * len(rewards), replies=["x"] * len(rewards),
+                      messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                      info={"success": success}, end_reason="env_done")
+
+
+def test_training_rows_and_rollout_metrics(tmp_path):
+    with_image = Segment()
+    with_image.extend_prompt([1, 9, 9, 3])
+    with_image.pixel_chunks.append(np.full((16, 6), 255, np.uint8))
+    with_image.grid_chunks.append(np.array([1, 4, 4], np.int32))
+    with_image.extend_sampled([40, 41, 2], [-0.5, -1.0, -0.1], turn=0)
+    prompt_only = Segment()
+    prompt_only.extend_prompt([1, 5, 3])
+    text = Segment()
+    text.extend_prompt([1, 5])
+    text.extend_sampled([42, 2], [-0.2, -0.3], turn=1)
+    trajectories = [_trajectory(0, 0, [0.0, 1.0], True, [with_image, prompt_only]),
+                    _trajectory(0, 1, [0.0], False, [text])]
+    rows = training_rows(trajectories, [0.5, -0.5], image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    assert len(rows) == 2  # the prompt-only segment trains nothing
+    assert rows[0]["loss_mask"].tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert rows[0]["advantages"].tolist() == [0, 0, 0, 0, 0.5, 0.5, 0.5]
+    assert rows[0]["rollout_logprobs"][4:].tolist() == pytest.approx([-0.5, -1.0, -0.1])
+    assert rows[0]["turn_ids"].tolist() == [-1, -1, -1, -1, 0, 0, 0]
+    assert rows[0]["pixel_values"].dtype == np.float32 and np.all(rows[0]["pixel_values"] == 1.0)
+    assert "pixel_values" not in rows[1] and rows[1]["advantages"].tolist() == [0, 0, -0.5, -0.5]
+    metrics = rollout_metrics([trajectories])
+    assert metrics["rollout/reward_mean"] == 0.5 and metrics["rollout/success_rate"] == 0.5
+    assert metrics["rollout/pass_at_2"] == 1.0 and metrics["rollout/turns_mean"] == 1.5
+    assert metrics["rollout/generated_tokens_total"] == 5
+    assert metrics["rollout/turn_0_reward_mean"] == 0.0 and metrics["rollout/turn_1_reward_mean"] == 1.0
+    assert save_sample(trajectories[0], str(tmp_path / "sample")).endswith("rollout.json")
 
 
 def _image_runs(ids, image_id):
@@ -157,3 +194,33 @@ def test_token_budgets_end_episodes(vllm_server, tiny_model_dir):
     assert trajectory.generated_tokens <= 15
     assert trajectory.end_reason in ("token_budget", "env_done")
     assert trajectory.finish_reasons[0] in ("stop", "length")
+
+
+@pytest.mark.vllm
+def test_tail_of_a_tool_turn_is_the_tool_response_and_generation_prompt(vllm_server, tiny_model_dir):
+    """Geometry with the calc_score tool: after an assistant tool call, the new turn's tokens found
+    by `tail_start` are exactly what the fresh render adds after the assistant turn."""
+    from jaxrl_vl.envs.base import assistant_message
+
+    _, tokens = load_decoder(tiny_model_dir)
+    env = make_env("geometry", max_turns=3)
+    history = env.reset(0)
+    reply = '<tool_call>\n{"name": "calc_score", "arguments": {"answer": "12345"}}\n</tool_call>'
+    result = env.step(reply)
+    assert not result.done and result.messages[0]["role"] == "tool"
+
+    async def renders():
+        async with VLLMClient(vllm_server.url, vllm_server.served_model_name) as client:
+            first = await client.render(to_openai_messages(history), tools=env.tools)
+            closed = await client.render(to_openai_messages([*history, assistant_message(reply)]), tools=env.tools,
+                                         add_generation_prompt=False)
+            full = await client.render(to_openai_messages([*history, assistant_message(reply), *result.messages]),
+                                       tools=env.tools)
+            return first["token_ids"], closed["token_ids"], full["token_ids"]
+
+    first, closed, full = asyncio.run(renders())
+    start = tail_start(full, sum(t == tokens.im_start for t in first), tokens)
+    # the assistant turn closes with <|im_end|> at the same place in both renders ...
+    assert full[:start] == closed[:start] and full[start - 1] == tokens.im_end
+    # ... and the tail is the tool response turn plus the generation prompt
+    assert full[start:].count(tokens.im_start) == 2 and full[:len(first)] == first

@@ -153,3 +153,32 @@ def test_derender_turns_tokens_back_into_text_and_attach_reads_model_name(vllm_s
     assert completion["choices"][0]["message"]["content"] == expected_text
     attached = attach_server(vllm_server.url)
     assert attached.served_model_name == "tiny" and attached.process is None
+
+
+def test_server_log_is_kept_and_a_crashing_server_is_reported(vllm_server, tmp_path):
+    import shutil
+
+    from jaxrl_vl.rollout.server import ServerConfig, start_server
+
+    log = Path(vllm_server.log_path).read_text()
+    assert log.startswith("$ ") and "--enable-scale-out" in log.splitlines()[0]
+    # A checkpoint vLLM cannot serve: the start fails fast, quoting the server's own log.
+    broken = tmp_path / "broken"
+    shutil.copytree(vllm_server.config.model, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match=r"(?s)exited with code .*NoSuchModelForCausalLM") as failure:
+        start_server(ServerConfig(model=str(broken), served_model_name="broken", log_dir=str(tmp_path),
+                                  startup_timeout_seconds=240))
+    log_path = next(tmp_path.glob("vllm-broken-*.log"))
+    assert str(log_path) in str(failure.value)
+    # stop_server killed the whole process group: nothing still runs on the broken checkpoint
+    leftovers = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(broken).encode() in cmdline.read_bytes():
+                leftovers.append(cmdline.parent.name)
+        except OSError:
+            pass  # the process ended while we looked
+    assert not leftovers

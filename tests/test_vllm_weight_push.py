@@ -34,8 +34,9 @@ def _hf_sampled_logprobs(model_dir, state, prompt_ids, sampled_ids, pixels, grid
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
     ids = torch.tensor([prompt_ids + sampled_ids])
+    mm_token_type_ids = (ids == model.config.image_token_id).long()  # 1 marks image tokens (M-RoPE)
     with torch.no_grad():
-        logits = model(input_ids=ids, pixel_values=torch.from_numpy(normalize_pixels(pixels, image_mean, image_std)),
+        logits = model(input_ids=ids, mm_token_type_ids=mm_token_type_ids, pixel_values=torch.from_numpy(normalize_pixels(pixels, image_mean, image_std)),
                        image_grid_thw=torch.from_numpy(grid_thw.astype(np.int64))).logits[0]
     logprobs = torch.log_softmax(logits.double(), -1)
     positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(sampled_ids) - 1)
@@ -93,10 +94,10 @@ def test_push_changes_logprobs_as_transformers_predicts(vllm_server, tiny_model_
     assert weight_versions(restored["choices"][0]) == ["0"] and restored_push.version == "0"
 
 
-def test_failed_push_keeps_server_serving_previous_version(vllm_server, tmp_path):
+def test_push_without_weights_is_refused_before_pausing(vllm_server, tmp_path):
     async def scenario(client):
         version_before = await server_weight_version(client)
-        with pytest.raises(WeightPushError, match="previous weights version"):
+        with pytest.raises(WeightPushError, match="no \\*.safetensors.*keeps its weights"):
             await reload_from_folder(client, str(tmp_path / "does-not-exist"), version=99)
         response = await client.generate([1, 2, 3], {"max_tokens": 2, "seed": 0, "ignore_eos": True})
         paused = await client.request("GET", "/is_paused")

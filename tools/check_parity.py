@@ -124,16 +124,18 @@ def run(model_dir: str, dtype: str = "float32", seed: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxrl_vl.models import apply, load, make_batch, num_params
+    from jaxrl_vl.models import ModelConfig, apply, load, make_batch, num_params
 
-    config, params = load(model_dir)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = ModelConfig.from_hf_dict(json.load(f))
     rng = np.random.default_rng(seed)
     rows = _processor_rows(model_dir, rng)
     source = "processor"
     if rows is None:
         rows, source = _synthetic_rows(config, rng), "synthetic"
     batch = make_batch(rows, config)
-    torch_logits, torch_seconds = _torch_logits(model_dir, config, batch)
+    torch_logits, torch_seconds = _torch_logits(model_dir, config, batch)  # torch model freed on return
+    _, params = load(model_dir)  # loaded after, so both models never sit in memory together
 
     start = time.perf_counter()
     forward = jax.jit(lambda p, b: apply(p, b, config, dtype=jnp.dtype(dtype)))
@@ -150,7 +152,7 @@ def run(model_dir: str, dtype: str = "float32", seed: int = 0) -> dict:
             "arch": config.arch, "num_params": num_params(params), "num_tokens": int(real.sum()),
             "num_images": int(len(batch.get("image_grid_thw", ()))), "batch_source": source, "dtype": dtype,
             "jax_seconds_incl_compile": round(jax_seconds, 3),
-            "jax_seconds": round(jax_run_seconds, 3), "torch_seconds": round(torch_seconds, 3)}
+            "jax_seconds": round(jax_run_seconds, 3), "jax_device": str(jax.devices()[0].platform), "torch_seconds": round(torch_seconds, 3)}
 
 
 def main(argv=None) -> int:
@@ -160,7 +162,13 @@ def main(argv=None) -> int:
                         help="JAX compute dtype (transformers always runs fp32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--platform", default="cpu", help="JAX platform for our model (cpu, gpu); transformers "
+                        "always runs on CPU. Off CPU, fp32 matmuls are forced to full precision (no TF32).")
     args = parser.parse_args(argv)
+    os.environ["JAX_PLATFORMS"] = {"gpu": "cuda"}.get(args.platform, args.platform)
+    if args.platform != "cpu":
+        import jax
+        jax.config.update("jax_default_matmul_precision", "highest")
     result = run(args.model, args.dtype, args.seed)
     result["tolerance"] = args.tolerance
     result["ok"] = result["max_abs_logit_diff"] <= args.tolerance

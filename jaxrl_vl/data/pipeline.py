@@ -7,17 +7,20 @@
 
 Rendering is the expensive part (image decode + resize, or a vLLM round trip), so it happens once
 per run and rendered examples (uint8 pixels) stay in memory; epochs, shuffles and resumes reuse
-them. Per-host sharding gives every host the same number of examples (the remainder is dropped)
+them. For datasets too large to render at start-up, pass `LazyRenderedRecords(records, renderer,
+...)` instead of a list: records render on first use (in the prefetch thread), cached or not. Per-host sharding gives every host the same number of examples (the remainder is dropped)
 so hosts step in lockstep.
 """
 
 from __future__ import annotations
 
 import atexit
+import collections.abc
 import concurrent.futures
 import dataclasses
 import functools
 import logging
+import threading
 import weakref
 from typing import Callable
 
@@ -98,6 +101,42 @@ def render_records(records: list[dict], renderer: Renderer, *, max_length: int, 
     if not examples:
         raise ValueError(f"no usable records out of {len(records)}: {report.summary()}")
     return examples
+
+
+class LazyRenderedRecords(collections.abc.Sequence):
+    """Records rendered on first access instead of all up front (for datasets too large to render
+    at start-up). Item i is record i's RenderedExample, or None when it is a skipped bad record.
+    keep_in_memory caches each result, so every record is still rendered once per run; without it
+    records are re-rendered every epoch (bounded memory). make_dataset drops the Nones; with
+    several hosts, skipped records make per-host counts differ (render eagerly to avoid that)."""
+
+    def __init__(self, records: list[dict], renderer: Renderer, *, max_length: int, truncate: bool = True,
+                 on_bad_record: str = "skip", report: DataReport | None = None, keep_in_memory: bool = True):
+        check_on_bad_record(on_bad_record)
+        self._records, self._renderer = records, renderer
+        self._max_length, self._truncate, self._on_bad_record = max_length, truncate, on_bad_record
+        self.report = report if report is not None else DataReport()
+        self._cache: dict[int, RenderedExample | None] | None = {} if keep_in_memory else None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> RenderedExample | None:
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        result = _render_or_error(self._records[index], self._renderer, self._max_length, self._truncate)
+        with self._lock:
+            if isinstance(result, BadRecordError):
+                handle_bad_record(result, self._on_bad_record, self.report)
+                example = None
+            else:
+                example, was_truncated = result
+                self.report.num_ok += 1
+                self.report.num_truncated += int(was_truncated)
+            if self._cache is not None:
+                self._cache[index] = example
+        return example
 
 
 def shard_for_host(items: list, process_index: int, process_count: int) -> list:
@@ -184,7 +223,7 @@ class _PrefetchDataset(grain.experimental.ThreadPrefetchIterDataset):
         return iterator
 
 
-def make_dataset(examples: list[RenderedExample], spec: PipelineSpec,
+def make_dataset(examples: "list[RenderedExample] | LazyRenderedRecords", spec: PipelineSpec,
                  collate_fn: Callable[[list[list[RenderedExample]]], object]) -> grain.IterDataset:
     """Rendered examples -> IterDataset of `collate_fn(rows)` where rows is a list of batch_size
     lists of examples (one example per row unless packing). Only with drop_remainder off does the
@@ -196,19 +235,20 @@ def make_dataset(examples: list[RenderedExample], spec: PipelineSpec,
     (the step count then decides the end) when packing on several hosts."""
     if spec.batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {spec.batch_size}")
-    host_examples = shard_for_host(examples, spec.process_index, spec.process_count)
-    if not host_examples:
+    host_indices = shard_for_host(range(len(examples)), spec.process_index, spec.process_count)
+    if not host_indices:
         raise ValueError(f"no examples for host {spec.process_index} of {spec.process_count} ({len(examples)} in all)")
-    too_long = [e.id for e in host_examples if e.num_tokens > spec.max_length]
-    if too_long:
-        raise ValueError(f"{len(too_long)} examples exceed max_length={spec.max_length} (e.g. {too_long[:3]}); "
-                         "render with the same max_length")
-    ds = grain.MapDataset.source(host_examples)
+    if not isinstance(examples, LazyRenderedRecords):  # lazy ones are truncated as they render
+        too_long = [examples[i].id for i in host_indices if examples[i].num_tokens > spec.max_length]
+        if too_long:
+            raise ValueError(f"{len(too_long)} examples exceed max_length={spec.max_length} (e.g. {too_long[:3]}); "
+                             "render with the same max_length")
+    ds = grain.MapDataset.source(host_indices)
     if spec.shuffle:
         ds = ds.shuffle(seed=spec.seed)  # reshuffled every epoch (grain mixes the epoch into the seed)
-    ds = ds.repeat(spec.num_epochs)
-    # Examples are already rendered: reading them needs no threads, and a single reader keeps
-    # the order (and so the resume point) trivially deterministic.
+    ds = ds.repeat(spec.num_epochs).map(examples.__getitem__).filter(lambda example: example is not None)
+    # One reader keeps the order (and so the resume point) trivially deterministic; rendering
+    # (lazy mode) and collation still run ahead in the batch-prefetch thread.
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if spec.packing:
         iter_ds = _PackedBatchDataset(iter_ds, spec.batch_size, spec.max_length, spec.drop_remainder)

@@ -9,6 +9,8 @@ the two can be compared exactly; `normalize_pixels` turns them into the model's 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Protocol
 
 import numpy as np
@@ -110,6 +112,20 @@ def _template_messages(messages):
     return out, images
 
 
+def processor_chat_template(model_dir: str) -> str | None:
+    """The processor's chat template (chat_template.jinja, or the older chat_template.json), which
+    vLLM prefers over the tokenizer's: Qwen-VL checkpoints ship the multimodal template there."""
+    jinja_path = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.isfile(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            return f.read()
+    json_path = os.path.join(model_dir, "chat_template.json")
+    if os.path.isfile(json_path):
+        with open(json_path, encoding="utf-8") as f:
+            return json.load(f).get("chat_template")
+    return None
+
+
 def _tokenizer_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -141,7 +157,11 @@ class HFRenderer:
     def from_pretrained(cls, model_dir: str) -> "HFRenderer":
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(model_dir), AutoImageProcessor.from_pretrained(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        template = processor_chat_template(model_dir)
+        if template is not None:
+            tokenizer.chat_template = template
+        return cls(tokenizer, AutoImageProcessor.from_pretrained(model_dir))
 
     def render_text(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         """The chat template's text (one `<|image_pad|>` per image, not yet expanded)."""

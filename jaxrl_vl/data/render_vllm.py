@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxrl_vl.data import images as images_lib
 from jaxrl_vl.data.render import (ASSISTANT_HEADER, IMAGE_TOKEN, TURN_END, RenderedExample,
-                                  make_rendered_example)
+                                  make_rendered_example, processor_chat_template)
 
 
 def _with_decoded_images(messages):
@@ -47,6 +47,9 @@ class VLLMRenderer:
         from jaxrl_vl.rollout.client import VLLMClient
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        template = processor_chat_template(model_dir)
+        if template is not None:
+            tokenizer.chat_template = template
         image_processor = AutoImageProcessor.from_pretrained(model_dir)
         self.tokenizer = tokenizer  # for decoding only; tokens come from the server
         self.image_mean = tuple(float(v) for v in image_processor.image_mean)

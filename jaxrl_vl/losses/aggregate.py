@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrl_vl.losses.registry import AGGREGATIONS
 
@@ -42,9 +43,11 @@ def sequence_sums(x: jax.Array, segment_ids: jax.Array | None,
 
 def check_segment_ids(segment_ids, max_segments_per_row: int) -> None:
     """Host-side guard: every segment id must fit in max_segments_per_row."""
-    if isinstance(segment_ids, jax.core.Tracer):
-        return
-    largest = int(jnp.max(segment_ids)) if segment_ids.size else 0
+    try:
+        values = np.asarray(segment_ids)
+    except jax.errors.TracerArrayConversionError:
+        return  # inside jit: values unknown here; the batch builder's check must hold
+    largest = int(values.max()) if values.size else 0
     if largest > max_segments_per_row:
         raise ValueError(
             f"segment_ids go up to {largest} but max_segments_per_row={max_segments_per_row}; "

@@ -49,7 +49,8 @@ def chunked_token_logprobs(hidden: jax.Array, unembed: jax.Array | Callable, tar
       `embed_tokens.weight` for tied models), or a function h [..., H] -> logits [..., V]
       (use this when the unembedding has a LoRA overlay).
     chunk_size: sequence positions per chunk; peak memory ~ B * chunk_size * V * 4 bytes.
-    dtype: matmul input dtype (accumulation and the softmax are fp32).
+    dtype: matmul input dtype for the matrix form (accumulation and the softmax are fp32); a
+      function `unembed` chooses its own precision.
     """
     batch, length, _ = hidden.shape
     if targets.shape != (batch, length):

@@ -193,7 +193,9 @@ def _text_config(t: dict, arch: str) -> TextConfig:
             if list(t["layer_types"]) != expected:
                 raise ValueError(f"config text_config.layer_types={t['layer_types']!r} differs from the pattern "
                                  f"implied by use_sliding_window/max_window_layers; custom layer_types unsupported")
-    if head_dim % 2 or sum(section) != head_dim // 2:
+    # Qwen2.5-VL splits the frequencies by mrope_section (must tile head_dim/2 exactly); Qwen3-VL's
+    # interleaved layout only reads H/W below 3*section and leaves the rest to T, so any section works.
+    if head_dim % 2 or (not interleaved and sum(section) != head_dim // 2):
         raise ValueError(f"config text_config.rope_parameters.mrope_section={list(section)} must sum to "
                          f"head_dim/2={head_dim // 2}")
     if heads % kv_heads:

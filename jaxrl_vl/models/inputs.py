@@ -50,6 +50,9 @@ def _check_row(i: int, row: dict, config: ModelConfig) -> tuple[np.ndarray, np.n
     if patches:
         if pixels is None:
             raise ValueError(f"row {i}: has image_grid_thw but no 'pixel_values'")
+        if np.asarray(pixels).dtype == np.uint8:
+            raise ValueError(f"row {i}: pixel_values are uint8; normalize them first with "
+                             "models.inputs.normalize_pixels(pixels, image_mean, image_std)")
         pixels = np.asarray(pixels, np.float32)
         if pixels.ndim != 2 or pixels.shape != (patches, config.vision.patch_dim):
             raise ValueError(f"row {i}: pixel_values shape {pixels.shape} != (sum t*h*w={patches}, "

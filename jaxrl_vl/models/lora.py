@@ -100,15 +100,14 @@ def _matches(target: str, dotted: str) -> bool:
     return dotted == target or dotted.endswith("." + target)
 
 
-def target_modules(params: dict, cfg: LoraConfig, tie_word_embeddings: bool | None = None
-                   ) -> dict[tuple[str, ...], tuple[int, ...]]:
+def target_modules(params: dict, cfg: LoraConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Adapted modules: path -> base weight shape ([L,] out, in). Each target must match one.
 
     With tied embeddings (no params["lm_head"]), "unembed" adapts a virtual lm_head whose shape
     is the token embedding's [V, H]."""
     modules = {p: s for p, s in _linear_modules(params)
                if cfg.include_vision or not _is_vision(p)}
-    if "lm_head" not in params and (tie_word_embeddings is None or tie_word_embeddings):
+    if "lm_head" not in params:  # tied embeddings
         embed = params.get("model", {}).get("language_model", {}).get("embed_tokens", {})
         if "weight" in embed:
             modules[("lm_head",)] = tuple(np.shape(embed["weight"]))
@@ -129,7 +128,7 @@ def init_lora(params: dict, cfg: LoraConfig, rng: jax.Array) -> dict:
     lora: dict = {}
     for path, shape in target_modules(params, cfg).items():
         *layers, out_dim, in_dim = shape
-        key = jax.random.fold_in(rng, zlib.crc32(".".join(path).encode()))
+        key = jax.random.fold_in(rng, zlib.crc32(".".join(path).encode()) & 0x7FFFFFFF)
         bound = 1.0 / np.sqrt(in_dim)
         module = {
             "lora_A": jax.random.uniform(key, (*layers, cfg.rank, in_dim), jnp.float32,
@@ -296,10 +295,12 @@ def import_peft(adapter_dir: str) -> tuple[dict, LoraConfig]:
             raise FileNotFoundError(f"PEFT adapter file missing: {path}")
     with open(config_path) as f:
         peft_config = json.load(f)
-    if peft_config.get("peft_type") != "LORA" or peft_config.get("use_dora"):
-        raise ValueError(f"{config_path}: only plain LoRA adapters are supported, got "
-                         f"peft_type={peft_config.get('peft_type')!r} "
-                         f"use_dora={peft_config.get('use_dora')}")
+    unsupported = {k: peft_config.get(k) for k in ("use_dora", "use_rslora", "rank_pattern",
+                                                    "alpha_pattern") if peft_config.get(k)}
+    if peft_config.get("peft_type") != "LORA" or unsupported:
+        raise ValueError(f"{config_path}: only plain LoRA adapters (one rank and alpha, "
+                         f"scale alpha/r) are supported, got peft_type="
+                         f"{peft_config.get('peft_type')!r} {unsupported}")
     grouped: dict[tuple[str, ...], dict[str, dict[int | None, np.ndarray]]] = {}
     pattern = re.compile(r"^base_model\.model\.(.+)\.lora_(A|B)(?:\.[^.]+)?\.weight$")
     for key, array in load_file(weights_path).items():

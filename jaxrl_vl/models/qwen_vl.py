@@ -22,17 +22,19 @@ _INIT_STD = 0.02
 def init(config: ModelConfig, rng: jax.Array) -> dict:
     """Random fp32 params with the checkpoint's exact structure: weights ~ N(0, 0.02) (as transformers'
     initializer_range), norm weights 1, biases 0."""
-    shapes = expected_shapes(config)
-    keys = jax.random.split(rng, len(shapes))
+    # One host-side generator seeded from the jax key: drawing per tensor with jax.random would compile
+    # one kernel per distinct shape, which dominates init time for small models.
+    seed = int(jax.random.randint(rng, (), 0, np.iinfo(np.int32).max))
+    generator = np.random.default_rng(seed)
     state = {}
-    for key, (name, shape) in zip(keys, sorted(shapes.items())):
+    for name, shape in sorted(expected_shapes(config).items()):
         is_norm = any(part in name for part in ("norm", "ln_q")) and name.endswith(".weight")
         if is_norm:
             state[name] = np.ones(shape, np.float32)
         elif name.endswith(".bias"):
             state[name] = np.zeros(shape, np.float32)
         else:
-            state[name] = np.asarray(jax.random.normal(key, shape, jnp.float32) * _INIT_STD)
+            state[name] = generator.standard_normal(shape, np.float32) * np.float32(_INIT_STD)
     return jax.tree_util.tree_map(jnp.asarray, from_hf_state_dict(state, config))
 
 

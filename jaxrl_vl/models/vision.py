@@ -12,6 +12,8 @@ patches never affect real ones. Blocks run under `jax.lax.scan` over the stacked
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -196,6 +198,13 @@ def apply_vision(params_visual: dict, vision_config, pixel_values: jax.Array, vi
             f"pixel_values must be [num_patches, in_channels*temporal_patch_size*patch_size**2={patch_dim}], "
             f"got {tuple(pixel_values.shape)}"
         )
+    required = ["vision_segment_ids", "vision_position_ids"] + (
+        ["vision_interp_indices", "vision_interp_weights"] if arch == "qwen3_vl"
+        else ["vision_window_order", "vision_window_segment_ids", "vision_merged_inverse_order"])
+    missing = [key for key in required if key not in vinputs]
+    if missing:
+        raise ValueError(f"vinputs lacks {missing} for arch={arch}; build it with "
+                         "jaxrl_vl.models.vision_inputs.vision_inputs(vision_config, grid_thw, num_patches)")
     if vinputs["vision_segment_ids"].shape[0] != pixel_values.shape[0]:
         raise ValueError(
             f"vision_segment_ids has {vinputs['vision_segment_ids'].shape[0]} patches but pixel_values has "
@@ -249,19 +258,26 @@ def vision_param_shapes(vision_config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_leaves(named_shapes: tuple, initializer_range: float, rng: jax.Array) -> list[jax.Array]:
+    # One compiled program for every leaf (eager per-shape random calls each compile separately).
+    leaves = []
+    for key, (name, shape) in zip(jax.random.split(rng, len(named_shapes)), named_shapes):
+        if ".norm" in name or "ln_q" in name:
+            leaves.append(jnp.ones(shape, jnp.float32) if name.endswith("weight") else jnp.zeros(shape, jnp.float32))
+        elif name.endswith("bias"):
+            leaves.append(jnp.zeros(shape, jnp.float32))
+        else:
+            leaves.append(initializer_range * jax.random.normal(key, shape, jnp.float32))
+    return leaves
+
+
 def init_vision(vision_config, rng: jax.Array, initializer_range: float = 0.02) -> dict:
     """Random fp32 vision params shaped like `vision_param_shapes` (transformers' init: weights
     N(0, initializer_range), biases 0, norm scales 1)."""
-    shapes = vision_param_shapes(vision_config)
-    keys = jax.random.split(rng, len(shapes))
+    named_shapes = tuple(sorted(vision_param_shapes(vision_config).items()))
     params: dict = {}
-    for key, (name, shape) in zip(keys, sorted(shapes.items())):
-        if ".norm" in name or "ln_q" in name:
-            value = jnp.ones(shape, jnp.float32) if name.endswith("weight") else jnp.zeros(shape, jnp.float32)
-        elif name.endswith("bias"):
-            value = jnp.zeros(shape, jnp.float32)
-        else:
-            value = initializer_range * jax.random.normal(key, shape, jnp.float32)
+    for (name, _), value in zip(named_shapes, _init_leaves(named_shapes, float(initializer_range), rng)):
         node = params
         *parents, leaf = name.split(".")
         for part in parents:

@@ -124,11 +124,12 @@ def server_command(config: ServerConfig, port: int) -> tuple[list[str], dict[str
     return argv, env
 
 
-def log_tail(log_path: str | None, num_lines: int = 40) -> str:
+def log_tail(log_path: str | None, num_lines: int = 40, max_line_chars: int = 600) -> str:
+    """The last lines of a server log (long lines cut: vLLM prints whole registries in errors)."""
     if not log_path or not Path(log_path).exists():
         return "(no log)"
-    lines = Path(log_path).read_text(errors="replace").splitlines()
-    return "\n".join(lines[-num_lines:])
+    lines = Path(log_path).read_text(errors="replace").splitlines()[-num_lines:]
+    return "\n".join(line if len(line) <= max_line_chars else line[:max_line_chars] + " ..." for line in lines)
 
 
 def wait_until_healthy(handle: ServerHandle, timeout_seconds: float, poll_seconds: float = 0.5) -> float:

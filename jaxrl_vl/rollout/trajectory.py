@@ -142,3 +142,76 @@ def training_rows(trajectories: list[Trajectory], advantages: list[float], *, im
                 row["group_id"] = np.int32(group_ids[index])
             rows.append(row)
     return rows
+
+
+def rollout_metrics(groups: list[list[Trajectory]], prefix: str = "rollout/",
+                    max_turns_logged: int = 8) -> dict[str, float]:
+    """Scalars over groups [G][n]: reward mean/std, success rate, pass@n (a group with at least one
+    success), turns, per-turn reward means, generated tokens, sequence tokens, end reasons, and
+    summed per-episode timing."""
+    trajectories = [t for g in groups for t in g]
+    if not trajectories:
+        return {}
+    rewards = np.asarray([t.reward for t in trajectories], np.float64)
+    n = max(len(g) for g in groups)
+    out = {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "success_rate": float(np.mean([t.success for t in trajectories])),
+        f"pass_at_{n}": float(np.mean([any(t.success for t in g) for g in groups])),
+        "episodes": float(len(trajectories)),
+        "turns_mean": float(np.mean([t.num_turns for t in trajectories])),
+        "generated_tokens_mean": float(np.mean([t.generated_tokens for t in trajectories])),
+        "generated_tokens_total": float(sum(t.generated_tokens for t in trajectories)),
+        "sequence_tokens_max": float(max(s.num_tokens for t in trajectories for s in t.segments)),
+        "segments_mean": float(np.mean([len(t.segments) for t in trajectories])),
+        "images_mean": float(np.mean([sum(s.num_images for s in t.segments) for t in trajectories])),
+        "turn_cut_by_max_tokens": float(np.mean([r == "length" for t in trajectories for r in t.finish_reasons]
+                                                or [0.0])),
+    }
+    # per-turn rewards (multi-turn tool envs): mean over the episodes that reached turn k
+    for k in range(min(max(t.num_turns for t in trajectories), max_turns_logged)):
+        reached = [t.turn_rewards[k] for t in trajectories if t.num_turns > k]
+        out[f"turn_{k}_reward_mean"] = float(np.mean(reached))
+    for reason in ("env_done", "turn_budget", "token_budget", "context"):
+        out[f"end_{reason}"] = float(np.mean([t.end_reason == reason for t in trajectories]))
+    for phase in ("render", "generate", "env"):
+        out[f"{phase}_seconds_sum"] = float(sum(t.timing_seconds.get(phase, 0.0) for t in trajectories))
+    return {prefix + k: v for k, v in out.items()}
+
+
+def save_sample(trajectory: Trajectory, folder: str) -> str:
+    """Writes one rollout for inspection: folder/rollout.json (conversation with image file names,
+    replies, per-turn rewards, weight versions, end reason) and folder/image_<k>.png."""
+    import json
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    image_count = 0
+    messages = []
+    for message in trajectory.messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") == "image" and hasattr(part.get("image"), "save"):
+                    name = f"image_{image_count}.png"
+                    part["image"].save(os.path.join(folder, name))
+                    image_count += 1
+                    parts.append({"type": "image", "image": name})
+                else:
+                    parts.append(part)
+            content = parts
+        messages.append({**message, "content": content})
+    record = {
+        "env_seed": trajectory.env_seed, "group_index": trajectory.group_index,
+        "sample_index": trajectory.sample_index, "reward": trajectory.reward, "success": trajectory.success,
+        "turn_rewards": trajectory.turn_rewards, "weight_versions": trajectory.weight_versions,
+        "finish_reasons": trajectory.finish_reasons, "end_reason": trajectory.end_reason,
+        "generated_tokens": trajectory.generated_tokens, "messages": messages,
+        "info": {k: v for k, v in trajectory.info.items() if k != "vllm_io"},
+    }
+    path = os.path.join(folder, "rollout.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    return path

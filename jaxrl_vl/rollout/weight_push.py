@@ -55,11 +55,18 @@ def write_weights(state: dict[str, np.ndarray], folder: str | os.PathLike) -> tu
     return sum(a.nbytes for a in arrays.values()), time.perf_counter() - start
 
 
-async def reload_from_folder(client: VLLMClient, folder: str, version: str | int, *,
-                             pause_mode: str = "wait", rpc_timeout_seconds: float = 600.0) -> float:
+async def reload_from_folder(client: VLLMClient, folder: str, version: str | int, *, pause_mode: str = "wait",
+                             rpc_timeout_seconds: float = 600.0, folder_is_local: bool = True) -> float:
     """pause -> reload_weights(folder) -> set version -> reset caches -> resume, on one server.
-    Returns seconds. Raises WeightPushError (server resumed, old version label kept)."""
+    Returns seconds. Raises WeightPushError: before pausing when the (local) folder holds no
+    safetensors (the server keeps serving its weights); after a failed reload the server resumes
+    with its previous version label, but vLLM 0.32's in-place reload may have left the engine
+    broken (its params are moved to the meta device first): the error then says it died and the
+    server needs `restart_server`."""
     start = time.perf_counter()
+    if folder_is_local and not any(Path(folder).glob("*.safetensors")):
+        raise WeightPushError(f"{client.base_url}: no *.safetensors in {folder}; nothing pushed, "
+                              "the server keeps its weights")
     try:
         await client.request("POST", "/pause", params={"mode": pause_mode, "clear_cache": "true"})
     except VLLMError as error:
@@ -71,10 +78,16 @@ async def reload_from_folder(client: VLLMClient, folder: str, version: str | int
         await client.request("POST", "/reset_prefix_cache")
         await client.request("POST", "/reset_encoder_cache")
     except VLLMError as error:
-        raise WeightPushError(f"{client.base_url}: reload of {folder} as version {version} failed "
-                              f"(server resumed on its previous weights version): {error}") from error
-    finally:
-        await client.request("POST", "/resume")
+        try:
+            await client.request("POST", "/resume")
+            alive = await client.health()
+        except VLLMError:
+            alive = False
+        state = ("resumed with its previous weights version label" if alive else
+                 "DIED (vLLM's in-place reload leaves no usable weights on failure); restart it")
+        raise WeightPushError(f"{client.base_url}: reload of {folder} as version {version} failed; "
+                              f"the server {state}: {error}") from error
+    await client.request("POST", "/resume")
     return time.perf_counter() - start
 
 

@@ -32,6 +32,7 @@ class GenerationPrompt:
     image_grid_thw: np.ndarray
     reference: str
     label: str | None = None
+    messages: tuple = ()  # the chat up to (not including) the evaluated assistant turn, for vLLM render
 
 
 def prompt_from_example(example: RenderedExample, record: dict) -> GenerationPrompt:
@@ -41,13 +42,15 @@ def prompt_from_example(example: RenderedExample, record: dict) -> GenerationPro
     start = int(example.assistant_spans[-1][0])
     keep_images = int(np.sum(example.image_spans[:, 1] <= start)) if len(example.image_spans) else 0
     keep_patches = int(example.image_grid_thw[:keep_images].prod(axis=1).sum())
-    last = record["messages"][-1]
+    roles = [m.get("role") for m in record["messages"]]
+    last_assistant = len(roles) - 1 - roles[::-1].index("assistant")
+    last = record["messages"][last_assistant]
     reference = last["content"] if isinstance(last.get("content"), str) else " ".join(
         part.get("text", "") for part in last.get("content") or [] if isinstance(part, dict))
     return GenerationPrompt(id=example.id, input_ids=example.input_ids[:start],
                             pixel_values=example.pixel_values[:keep_patches],
                             image_grid_thw=example.image_grid_thw[:keep_images], reference=reference,
-                            label=record.get("label"))
+                            label=record.get("label"), messages=tuple(record["messages"][:last_assistant]))
 
 
 def _normalize(text: str) -> str:
@@ -65,7 +68,9 @@ def is_correct(generated: str, prompt: GenerationPrompt) -> bool:
 
 
 class JaxGreedyGenerator:
-    """Greedy decoding with our JAX model (see module doc). `params_fn()` returns the params to use."""
+    """Greedy decoding with our JAX model (see module doc)."""
+
+    name = "jax"
 
     def __init__(self, model_config, tokenizer, *, image_mean, image_std, stop_token_ids: tuple[int, ...],
                  pad_id: int, batch_size: int = 32, dtype=jnp.float32):
@@ -114,7 +119,10 @@ class JaxGreedyGenerator:
                 break
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
 
-    def generate(self, params, prompts: list[GenerationPrompt], max_new_tokens: int) -> list[str]:
+    def close(self) -> None:
+        pass
+
+    def generate(self, params, prompts: list[GenerationPrompt], max_new_tokens: int, version: int = 0) -> list[str]:
         texts: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
             texts += self._decode_chunk(params, prompts[start:start + self.batch_size], max_new_tokens)

@@ -20,9 +20,21 @@ from ml_collections import ConfigDict
 from jaxrl_vl import models
 
 
-def export_state(state, model_config, out_dir: str, *, copy_from: str | None, lora_cfg=None) -> str:
-    """Export `state.params` (+ merged `state.lora`) to out_dir; returns out_dir."""
-    return export_params(state.params, state.lora, model_config, out_dir, copy_from=copy_from, lora_cfg=lora_cfg)
+def _to_host(tree):
+    """Arrays -> numpy on this host; across hosts, params sharded over several processes are
+    all-gathered first (every process must call this)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def export_state(state, model_config, out_dir: str, *, copy_from: str | None, lora_cfg=None) -> str | None:
+    """Export `state.params` (+ merged `state.lora`) to out_dir (process 0 writes); returns out_dir."""
+    params, lora = _to_host(state.params), _to_host(state.lora) if state.lora is not None else None
+    if jax.process_index() != 0:
+        return None
+    return export_params(params, lora, model_config, out_dir, copy_from=copy_from, lora_cfg=lora_cfg)
 
 
 def export_params(params, lora, model_config, out_dir: str, *, copy_from: str | None, lora_cfg=None) -> str:
@@ -41,14 +53,15 @@ def export_checkpoint(run_dir: str, step: int | None = None, out_dir: str | None
     """Export checkpoint `step` (default the latest) of a run; its config.json names the base model."""
     with open(os.path.join(run_dir, "config.json")) as f:
         config = ConfigDict(json.load(f))
-    from jaxrl_vl.train.setup import ensure_model_dir
+    from jaxrl_vl.train.setup import checkpoint_dir, ensure_model_dir
     model_dir = ensure_model_dir(config.model)
     with open(os.path.join(model_dir, "config.json")) as f:
         model_config = models.ModelConfig.from_hf_dict(json.load(f))
-    manager = ocp.CheckpointManager(os.path.join(run_dir, "checkpoints"), item_names=("state", "data"))
+    directory = checkpoint_dir(config, run_dir)
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
     step = manager.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no finished checkpoint in {run_dir}/checkpoints")
+        raise FileNotFoundError(f"no finished checkpoint in {directory}")
     # Restored without a target: a plain tree of numpy arrays keyed like TrainState's fields.
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     manager.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import optax
 
@@ -182,3 +183,50 @@ def make_score_logprobs(model_config, *, dtype=jnp.float32, loss_chunk_size: int
         return jnp.concatenate([jnp.zeros_like(logprobs[:, :1]), logprobs[:, :-1]], axis=1)
 
     return jax.jit(score)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: training rows -> stacked micro-batches with bucketed (few distinct) shapes.
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-max(int(value), 1) // multiple) * multiple
+
+
+def _filler_row(template: dict, pad_id: int) -> dict:
+    """A row that trains nothing (one pad token, loss_mask 0), shaped like `template`'s fields."""
+    row = {"input_ids": np.asarray([pad_id], np.int32)}
+    for key, value in template.items():
+        if key in ("input_ids", "pixel_values", "image_grid_thw"):
+            continue
+        value = np.asarray(value)
+        if value.ndim == 0:
+            row[key] = np.zeros((), value.dtype)
+        else:
+            row[key] = np.full((1,), -1 if key == "turn_ids" else 0, value.dtype)
+    return row
+
+
+def build_micro_batches(rows: list[dict], model_config, *, num_micro_batches: int, length_multiple: int = 128,
+                        patch_multiple: int = 64, rows_multiple: int = 1) -> dict[str, np.ndarray]:
+    """Training rows (trajectory.training_rows) -> one dict of arrays stacked on a leading
+    micro-batch axis A = num_micro_batches: input_ids [A, B, L], position_ids [A, 3, B, L],
+    pixel_values [A, P, D], ... Rows are padded with non-training filler rows to A*B, B rounded up
+    to `rows_multiple`; L and P are rounded up to their multiples so jit sees few shapes."""
+    if not rows:
+        raise ValueError("build_micro_batches: no rows (every group filtered out?)")
+    if num_micro_batches < 1:
+        raise ValueError(f"num_micro_batches={num_micro_batches} must be >= 1")
+    pad_id = model_config.pad_token_id if model_config.pad_token_id is not None else 0
+    per_micro = _round_up(-(-len(rows) // num_micro_batches), rows_multiple)
+    rows = list(rows) + [_filler_row(rows[0], pad_id)] * (per_micro * num_micro_batches - len(rows))
+    groups = [rows[i * per_micro:(i + 1) * per_micro] for i in range(num_micro_batches)]
+    length = _round_up(max(len(r["input_ids"]) for r in rows), length_multiple)
+    merge = model_config.vision.spatial_merge_size ** 2
+    patches = max(sum(int(np.prod(r["image_grid_thw"], axis=1).sum()) for r in g if "image_grid_thw" in r)
+                  for g in groups)
+    pad_patches = _round_up(patches, max(patch_multiple, merge)) if patches else None
+    batches = [models.make_batch(g, model_config, pad_to_length=length, pad_patches_to=pad_patches) for g in groups]
+    keys = [k for k in batches[0] if k != "image_grid_thw"]
+    stacked = {k: np.stack([b[k] for b in batches]) for k in keys}
+    return stacked

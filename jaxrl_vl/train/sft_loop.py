@@ -9,6 +9,7 @@ to an uninterrupted run's (tests/test_train_resume.py).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ from jaxrl_vl.data.pipeline import PipelineSpec, make_dataset, render_records
 from jaxrl_vl.data.render import HFRenderer
 from jaxrl_vl.data.validation import DataReport
 from jaxrl_vl.train import flops, setup
+from jaxrl_vl.train.config_overrides import ConfigError
 from jaxrl_vl.train.batches import make_stacked_collate, split_host_stats
 from jaxrl_vl.train.checkpoints import CheckpointStore
 from jaxrl_vl.train.evaluation import JaxGreedyGenerator, generation_accuracy, prompt_from_example
@@ -76,7 +78,8 @@ class _Data:
                                    pad_id=self.renderer.pad_token_id)
 
 
-def _evaluate(config, state: TrainState, data: _Data, model_config, eval_nll, generator, lora_overlay) -> dict:
+def _evaluate(config, step: int, state: TrainState, *, data: _Data, model_config, eval_nll, generator,
+              lora_overlay) -> dict:
     """-> {"eval/<split>_nll": ..., "eval/<split>_accuracy": ...} on the fixed held-out subset."""
     split, results = config.data.eval_split, {}
     micro = config.train.batch_size // config.train.grad_accum_steps
@@ -95,10 +98,30 @@ def _evaluate(config, state: TrainState, data: _Data, model_config, eval_nll, ge
         prompts = [prompt_from_example(e, r) for e, r in zip(data.eval[:count], data.eval_records[:count])]
         params = state.params if lora_overlay is None else lora_overlay(state.params, state.lora)
         accuracy, samples = generation_accuracy(
-            lambda ps: generator.generate(params, ps, config.eval.max_new_tokens), prompts)
+            lambda ps: generator.generate(params, ps, config.eval.max_new_tokens, version=step), prompts)
         results[f"eval/{split}_accuracy"] = accuracy
         results["eval/sample"] = f"{samples[0]['generated']!r} (reference {samples[0]['reference']!r})"
     return results
+
+
+def _make_generator(config, model_dir, model_config, data, dtype, run_dir):
+    """The eval's greedy generation backend (see evaluation.py): vLLM when configured or installed
+    ("auto"), else the JAX decode."""
+    backend = config.eval.generation_backend
+    if backend not in ("auto", "vllm", "jax"):
+        raise ConfigError(f"eval.generation_backend={backend!r}; choose 'auto', 'vllm' or 'jax'")
+    if config.eval.num_generation_examples <= 0:
+        backend = "jax"  # nothing to generate: do not start a server
+    if backend == "auto":
+        from jaxrl_vl.train.vllm_eval import vllm_available
+        backend = "vllm" if (config.eval.vllm_url or vllm_available()) else "jax"
+    if backend == "vllm":
+        from jaxrl_vl.train.vllm_eval import VLLMGenerator
+        return VLLMGenerator(model_dir, model_config, data.renderer.tokenizer, url=config.eval.vllm_url,
+                             log_dir=os.path.join(run_dir, "vllm_logs"))
+    return JaxGreedyGenerator(model_config, data.renderer.tokenizer, image_mean=data.renderer.image_mean,
+                              image_std=data.renderer.image_std, stop_token_ids=(data.renderer.end_id,),
+                              pad_id=data.renderer.pad_token_id, dtype=dtype)
 
 
 def _progress(config, start_step: int):
@@ -141,7 +164,7 @@ def run_sft(config) -> dict:
                                    packing=config.data.packing, **data.collate_kwargs)
     iterator = iter(make_dataset(data.train, spec, collate))
 
-    store = CheckpointStore(os.path.join(run_dir, "checkpoints"), every_steps=config.checkpoint.every_steps,
+    store = CheckpointStore(setup.checkpoint_dir(config, run_dir), every_steps=config.checkpoint.every_steps,
                             keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     start_step = 0
     if config.checkpoint.resume and store.latest_step() is not None:
@@ -157,18 +180,39 @@ def run_sft(config) -> dict:
                             state_shardings=state_shardings(state), metrics_sharding=sharding.replicated(mesh))
     eval_nll = make_eval_nll(model_config, dtype=dtype, loss_chunk_size=train_cfg.loss_chunk_size,
                              lora_overlay=lora_overlay)
-    generator = JaxGreedyGenerator(model_config, data.renderer.tokenizer, image_mean=data.renderer.image_mean,
-                                   image_std=data.renderer.image_std, stop_token_ids=(data.renderer.end_id,),
-                                   pad_id=data.renderer.pad_token_id, dtype=dtype)
+    generator = _make_generator(config, model_dir, model_config, data, dtype, run_dir)
     peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, train_cfg.peak_flops_per_device)
     backward_factor = 1.0 if lora is not None else 2.0
 
     writer = MetricsWriter(run_dir, config=config.to_dict(), use_wandb=config.metrics.use_wandb,
                            wandb_project=config.metrics.wandb_project, run_name=config.name,
                            resume_from_step=start_step)
-    if start_step == 0:
-        writer.write(0, {"data/examples": len(data.train), "data/skipped": data.report.num_skipped,
-                         "data/truncated": data.report.num_truncated, "model/params": models.num_params(params)})
+    try:
+        if start_step == 0:
+            writer.write(0, {"data/examples": len(data.train), "data/skipped": data.report.num_skipped,
+                             "data/truncated": data.report.num_truncated, "model/params": models.num_params(params)})
+        evaluate = functools.partial(_evaluate, config, data=data, model_config=model_config, eval_nll=eval_nll,
+                                     generator=generator, lora_overlay=lora_overlay)
+        step_context = dict(step_fn=step_fn, iterator=iterator, mesh=mesh, store=store, writer=writer,
+                            evaluate=evaluate, model_config=model_config, backward_factor=backward_factor,
+                            peak_flops=peak)
+        state, final_step, last_train = _train_steps(config, state, start_step, **step_context)
+        if store.latest_step() != final_step:
+            store.save(final_step, state, iterator.get_state(), force=True)
+        final_eval = evaluate(final_step, state)
+        writer.write(final_step, final_eval)
+    finally:
+        generator.close()
+        store.close()
+        writer.close()
+    return _finish(config, run_dir, model_dir, model_config, state, lora_cfg, final_step, start_step,
+                   last_train, final_eval, wall_start)
+
+
+def _train_steps(config, state, start_step, *, step_fn, iterator, mesh, store, writer, evaluate, model_config,
+                 backward_factor, peak_flops):
+    """Steps start_step+1 .. train.num_steps -> (state, last step, last train metrics)."""
+    train_cfg = config.train
     bar = _progress(config, start_step)
     last_eval: dict = {}
     last_train: dict = {}
@@ -180,37 +224,30 @@ def run_sft(config) -> dict:
         state, metrics = step_fn(state, batch)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         seconds = time.perf_counter() - step_start
-        seq_len = int(batch["input_ids"].shape[-1])
-        step_flops = flops.train_flops(model_config, num_tokens=int(metrics["tokens"]), seq_len=seq_len,
+        step_flops = flops.train_flops(model_config, num_tokens=int(metrics["tokens"]),
+                                       seq_len=int(batch["input_ids"].shape[-1]),
                                        num_patches=host["host_num_patches"], num_images=host["host_num_images"],
                                        backward_factor=backward_factor)
         last_train = {f"train/{k}": v for k, v in metrics.items()}
         last_train.update({"train/step_seconds": seconds, "train/tokens_per_second": metrics["tokens"] / seconds,
-                           "train/mfu": flops.mfu(step_flops, seconds, jax.device_count(), peak)})
+                           "train/mfu": flops.mfu(step_flops, seconds, jax.device_count(), peak_flops)})
         if store.save(step, state, iterator.get_state()):
             last_train["checkpoint/saved_step"] = step
-        due_eval = config.eval.every_steps > 0 and step % config.eval.every_steps == 0
-        if due_eval and step < train_cfg.num_steps:
-            last_eval = _evaluate(config, state, data, model_config, eval_nll, generator, lora_overlay)
+        # the last step's eval is the final eval, done by the caller
+        due_eval = (config.eval.every_steps > 0 and step % config.eval.every_steps == 0
+                    and step < train_cfg.num_steps)
+        if due_eval:
+            last_eval = evaluate(step, state)
         if step % train_cfg.log_every_steps == 0 or due_eval:
             writer.write(step, {**last_train, **(last_eval if due_eval else {})})
         if bar is not None:
+            accuracy = last_eval.get(f"eval/{config.data.eval_split}_accuracy")
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{last_train['train/tokens_per_second']:.0f}",
-                            **({"acc": f"{last_eval.get(f'eval/{config.data.eval_split}_accuracy', 0):.2f}"}
-                               if last_eval else {}))
+                            **({"acc": f"{accuracy:.2f}"} if accuracy is not None else {}))
             bar.update(1)
     if bar is not None:
         bar.close()
-    final_step = max(step, start_step)
-    if store.latest_step() != final_step:
-        store.save(final_step, state, iterator.get_state(), force=True)
-    final_eval = _evaluate(config, state, data, model_config, eval_nll, generator, lora_overlay)
-    writer.write(final_step, final_eval)
-    store.close()
-    writer.close()
-    summary = _finish(config, run_dir, model_dir, model_config, state, lora_cfg, final_step, start_step,
-                      last_train, final_eval, wall_start)
-    return summary
+    return state, step, last_train
 
 
 def _finish(config, run_dir, model_dir, model_config, state, lora_cfg, final_step, start_step, last_train,
@@ -233,7 +270,7 @@ def _finish(config, run_dir, model_dir, model_config, state, lora_cfg, final_ste
         f"{split}_nll": final_eval.get(f"eval/{split}_nll"),
         f"{split}_accuracy": final_eval.get(f"eval/{split}_accuracy"),
         "export_dir": export_dir, "plots": plots,
-        "checkpoint_dir": os.path.join(run_dir, "checkpoints"),
+        "checkpoint_dir": setup.checkpoint_dir(config, run_dir),
     }
     setup.write_json(os.path.join(run_dir, "summary.json"), summary)
     return summary

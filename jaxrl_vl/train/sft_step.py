@@ -96,7 +96,7 @@ def make_sft_step(model_config, optimizer: optax.GradientTransformation, schedul
             "loss": loss,
             "target_tokens": total_targets,
             "tokens": jnp.sum(batches["segment_ids"] > 0).astype(jnp.float32),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
         }
         return new_state, metrics

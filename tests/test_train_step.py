@@ -1,0 +1,140 @@
+"""The SFT step (gradient accumulation, LoRA), FLOPs formula and the JAX greedy eval decode,
+on the tiny checkpoint with real rendered digit examples."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ml_collections import ConfigDict
+
+from jaxrl_vl import models
+from jaxrl_vl.data.digits import digit_examples
+from jaxrl_vl.data.pipeline import render_records
+from jaxrl_vl.data.render import HFRenderer
+from jaxrl_vl.data.sources import classifier_record
+from jaxrl_vl.train import flops
+from jaxrl_vl.train.batches import make_stacked_collate, split_host_stats
+from jaxrl_vl.train.evaluation import JaxGreedyGenerator, is_correct, prompt_from_example
+from jaxrl_vl.train.optim import make_optimizer
+from jaxrl_vl.train.sft_step import make_sft_step
+from jaxrl_vl.train.state import create_train_state
+
+OPTIM = ConfigDict(dict(learning_rate=1e-3, schedule="constant", warmup_steps=0, end_learning_rate_fraction=1.0,
+                        weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=0.0))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir):
+    config, params = models.load(tiny_model_dir)
+    renderer = HFRenderer.from_pretrained(tiny_model_dir)
+    records = [classifier_record(f"d{i}", image, name) for i, image, name in digit_examples("test")[:4]]
+    examples = render_records(records, renderer, max_length=128)
+    return config, jax.tree.map(jnp.asarray, params), renderer, records, examples
+
+
+def _collate(config, renderer, accum):
+    return make_stacked_collate(config, grad_accum_steps=accum, max_length=128, loss_on="last",
+                                image_mean=renderer.image_mean, image_std=renderer.image_std, packing=False,
+                                pad_id=renderer.pad_token_id)
+
+
+def test_grad_accumulation_equals_one_big_batch(setup):
+    config, params, renderer, _, examples = setup
+    # plain SGD: the update is the gradient itself, so params compare like gradients do (Adam's
+    # first step, ~lr * sign(g), would amplify float-order noise on near-zero gradients)
+    optimizer, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
+    results = []
+    for accum in (1, 2):
+        batch, host = split_host_stats(_collate(config, renderer, accum)([[e] for e in examples]))
+        assert batch["input_ids"].shape[:2] == (accum, 4 // accum) and host["host_num_images"] == 4
+        step = make_sft_step(config, optimizer, schedule, donate=False)
+        state = create_train_state(params, optimizer, jax.random.PRNGKey(0))
+        new_state, metrics = step(state, batch)
+        results.append((new_state, metrics))
+    (state1, m1), (state2, m2) = results
+    assert int(state1.step) == 1
+    assert float(m1["target_tokens"]) == float(m2["target_tokens"]) > 0
+    np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m2["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(state2.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    moved = sum(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(state1.params), jax.tree.leaves(params)))
+    assert moved > 0  # the step changed the params
+
+
+def test_repeated_steps_reduce_the_loss_and_lora_trains_only_the_adapter(setup):
+    from jaxrl_vl.models import lora as lora_lib
+    config, params, renderer, _, examples = setup
+    batch, _ = split_host_stats(_collate(config, renderer, 1)([[e] for e in examples]))
+    lora_cfg = lora_lib.LoraConfig(rank=4, alpha=8.0, targets=("attention", "mlp"))
+    lora = lora_lib.init_lora(params, lora_cfg, jax.random.PRNGKey(1))
+    optimizer, schedule = make_optimizer(OPTIM.copy_and_resolve_references(), 10)
+    step = make_sft_step(config, optimizer, schedule, lora_overlay=lambda p, l: lora_lib.overlay(p, l, lora_cfg),
+                         donate=False)
+    state = create_train_state(params, optimizer, jax.random.PRNGKey(0), lora=lora)
+    losses = []
+    for _ in range(5):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # base weights frozen
+    assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(jax.tree.leaves(state.lora), jax.tree.leaves(lora)))
+
+
+def test_text_flops_match_the_weight_shapes(setup):
+    """Per token, the forward matmul FLOPs are 2 x the decoder's matmul weights + lm_head (+ the
+    attention term), counted here from the actual params tree."""
+    config, params, *_ = setup
+    text = params["model"]["language_model"]["layers"]
+    matmul_weights = sum(int(np.prod(leaf.shape)) for path, leaf in jax.tree_util.tree_flatten_with_path(text)[0]
+                         if path[-1].key == "weight" and leaf.ndim == 3)  # stacked [layers, out, in]
+    head = models.qwen_vl.embedding_table(params) if config.tie_word_embeddings else params["lm_head"]["weight"]
+    seq_len = 64
+    attention = config.text.num_hidden_layers * 4 * config.text.num_attention_heads * config.text.head_dim * seq_len
+    want = 2 * matmul_weights + 2 * int(np.prod(head.shape)) + attention
+    assert flops.text_forward_flops_per_token(config.text, seq_len) == want
+    assert flops.train_flops(config, num_tokens=10, seq_len=seq_len) == 3 * 10 * want
+    assert flops.train_flops(config, num_tokens=10, seq_len=seq_len, num_patches=16, num_images=1) > 3 * 10 * want
+    assert flops.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+    assert flops.peak_flops_per_device("cpu", override=5.0) == 5.0
+    assert flops.mfu(1e12, 1.0, 2, 1e12) == 0.5
+
+
+def test_greedy_decode_matches_teacher_forced_argmax(setup):
+    """Every generated token is the argmax of a full forward over prompt + the tokens before it."""
+    config, params, renderer, records, examples = setup
+    prompts = [prompt_from_example(e, r) for e, r in zip(examples, records)]
+    assert prompts[0].messages and prompts[0].messages[-1]["role"] == "user"
+    generator = JaxGreedyGenerator(config, renderer.tokenizer, image_mean=renderer.image_mean,
+                                   image_std=renderer.image_std, stop_token_ids=(renderer.end_id,),
+                                   pad_id=renderer.pad_token_id, batch_size=3)  # 2 chunks, uneven
+    texts = generator.generate(params, prompts, max_new_tokens=6)
+    assert len(texts) == 4
+    for prompt, text in zip(prompts[:2], texts[:2]):
+        ids = list(prompt.input_ids)
+        from jaxrl_vl.data.render import normalize_pixels
+        generated = []
+        for _ in range(6):
+            row = {"input_ids": np.asarray(ids, np.int32), "image_grid_thw": prompt.image_grid_thw,
+                   "pixel_values": normalize_pixels(prompt.pixel_values, renderer.image_mean, renderer.image_std)}
+            batch = {k: v for k, v in models.make_batch([row], config).items() if k != "image_grid_thw"}
+            token = int(jnp.argmax(models.apply(params, batch, config)[0, -1]))
+            generated.append(token)
+            ids.append(token)
+            if token == renderer.end_id:
+                break
+        assert text == renderer.tokenizer.decode(generated, skip_special_tokens=True)
+
+
+def test_answer_scoring():
+    prompt = prompt_from_example.__globals__["GenerationPrompt"](
+        id="x", input_ids=np.zeros(1, np.int32), pixel_values=np.zeros((0, 1)), image_grid_thw=np.zeros((0, 3)),
+        reference="The subject in this photo is: seven", label="seven")
+    assert is_correct("The subject in this photo is: Seven ", prompt)
+    assert is_correct("The subject in this photo is: seven<|im_end|>junk", prompt)
+    assert not is_correct("The subject in this photo is: one", prompt)
+    assert not is_correct("The subject in this photo is: seventy", prompt)
+    free = prompt.__class__(id="y", input_ids=prompt.input_ids, pixel_values=prompt.pixel_values,
+                            image_grid_thw=prompt.image_grid_thw, reference="Go  left.")
+    assert is_correct("go left.", free) and not is_correct("go right.", free)
