@@ -68,4 +68,6 @@ def get_config() -> ml_collections.ConfigDict:
     v.max_images_per_prompt = 8
     v.enforce_eager = True
     v.max_concurrent_requests = 16
+    v.transport = "reload"            # weight push: "reload" (shared disk, /dev/shm) | "stream" (over HTTP, no shared disk)
+    v.token_env = ""                  # env var holding the server's bearer token (launch/vllm_gpu_server.sh); "" = none
     return c

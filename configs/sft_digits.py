@@ -26,6 +26,6 @@ def get_config():
     c.checkpoint.every_steps = 100
     c.eval.every_steps = 100
     c.eval.nll_num_examples = 64
-    c.eval.num_generation_examples = 100
+    c.eval.num_generation_examples = 200
     c.eval.max_new_tokens = 16
     return c

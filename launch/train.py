@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxrl_vl.train.config_overrides import ConfigError, parse_command_line  # noqa: E402
 
-TRAINERS = ("sft", "rl")
+TRAINERS = ("sft", "rl", "sft_then_rl")
 
 
 def run(config) -> dict:
@@ -33,6 +33,9 @@ def run(config) -> dict:
         except ModuleNotFoundError as err:
             raise ConfigError(f"trainer='rl' needs jaxrl_vl/train/rl_loop.py ({err})") from None
         return run_rl(config)
+    if config.trainer == "sft_then_rl":
+        from jaxrl_vl.train.pipeline import run_sft_then_rl
+        return run_sft_then_rl(config)
     raise ConfigError(f"config.trainer={config.trainer!r}; choose one of {TRAINERS}")
 
 

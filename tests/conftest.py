@@ -3,7 +3,7 @@
 - `tiny_model_dirs`: {"qwen3_vl": dir, "qwen2_5_vl": dir}, tiny random checkpoints built by
   tools/make_tiny_model.py into a cache folder keyed by the builder's source hash (built once,
   a few seconds; later sessions reuse them). Treat them as read-only.
-- `tiny_model_dir`: the qwen3_vl one.
+- `tiny_model_dir`: the qwen3_vl one. `small_model_dirs`: the same for `--size small`.
 - `vllm_server`: a real CPU vLLM server (jaxrl_vl.rollout.server) on the qwen3_vl tiny
   checkpoint, one per session; tests that use it are marked `@pytest.mark.vllm`.
   Needs .venv-vllm (`make install-vllm`).
@@ -59,13 +59,19 @@ def tiny_model_dir(tiny_model_dirs) -> str:
 
 
 @pytest.fixture(scope="session")
+def small_model_dirs() -> dict[str, str]:
+    """The `small` (about 6 M params) checkpoints, for tests that must see learning."""
+    return {arch: str(tiny_model_path(arch, "small")) for arch in ("qwen3_vl", "qwen2_5_vl")}
+
+
+@pytest.fixture(scope="session")
 def vllm_server(tiny_model_dir, tmp_path_factory):
-    """A running CPU vLLM server (float32, eager, 2048 context, 1 GiB KV cache) on the qwen3_vl
-    tiny checkpoint; yields its ServerHandle and stops it at the end of the session."""
+    """A running CPU vLLM server (float32, eager, 2048 context, 1 GiB KV cache, both weight-push
+    transports) on the qwen3_vl tiny checkpoint; yields its ServerHandle, stopped at session end."""
     from jaxrl_vl.rollout.server import ServerConfig, start_server, stop_server
 
     config = ServerConfig(model=tiny_model_dir, served_model_name="tiny", dtype="float32", max_model_len=2048,
-                          cpu_kv_cache_gib=1, enforce_eager=True, seed=0,
+                          cpu_kv_cache_gib=1, enforce_eager=True, seed=0, weight_transfer_backend="jaxrl_stream",
                           log_dir=str(tmp_path_factory.mktemp("vllm_logs")))
     handle = start_server(config)
     try:

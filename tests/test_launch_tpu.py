@@ -1,12 +1,10 @@
 """launch.tpu: exact gcloud command lines (v5e-8, v5p-16, multi-slice), cleanup on Ctrl-C / SIGTERM /
-failure, the code bundle, and jaxrl_vl.distributed's environment handling."""
+failure, and the code bundle."""
 import io
 import os
 import signal
-import subprocess
-import sys
 import tarfile
-from pathlib import Path
+import tempfile
 
 import pytest
 
@@ -14,9 +12,6 @@ from launch.tpu import __main__ as cli
 from launch.tpu import commands, lifecycle
 from launch.tpu.accelerators import parse_tpu
 from launch.tpu.bundle import make_bundle
-from jaxrl_vl import distributed
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def dry_run(argv):
@@ -45,7 +40,7 @@ def test_v5e_8_single_host_up_dry_run():
         f"gcloud compute tpus tpu-vm scp /tmp/code.tgz demo:jaxrl_vl_code.tar.gz --worker=all {loc}",
         commands.format_command(["gcloud", "compute", "tpus", "tpu-vm", "ssh", "demo", "--worker=all",
                                  "--zone=us-west4-a", "--project=proj", "--command=" + INSTALL]),
-        # one host: no jax.distributed
+        # one host: no --config.distributed=on
         f"gcloud compute tpus tpu-vm ssh demo --worker=all {loc} '--command=set -o pipefail; cd ~/jaxrl_vl && "
         f".venv/bin/python launch/train.py --config configs/sft_digits.py --config.train.num_steps=10 2>&1 | "
         f"tee ~/jaxrl_vl_train.log'",
@@ -61,13 +56,39 @@ def test_v5p_16_two_hosts_run_on_all_workers():
                      "--runtime-version=v2-alpha-tpuv5 --zone=us-east5-a --project=proj --reserved"]
     lines = dry_run(["run", "big", "--tpu=v5p-16", "--zone=us-east5-a", "--project=proj", "--config=configs/rl_maze.py",
                      "--code=git:https://github.com/org/jaxrl_vl.git@v1", "--env=WANDB_MODE=offline", "--dry-run"])
-    assert len(lines) == 2  # no scp when cloning
-    assert lines[0].startswith("gcloud compute tpus tpu-vm ssh big --worker=all --zone=us-east5-a --project=proj '--command=")
-    assert "git clone https://github.com/org/jaxrl_vl.git ~/jaxrl_vl" in lines[0]
-    assert "checkout --quiet v1" in lines[0]
-    assert lines[1] == ("gcloud compute tpus tpu-vm ssh big --worker=all --zone=us-east5-a --project=proj "
-                        "'--command=set -o pipefail; cd ~/jaxrl_vl && env JAXRL_VL_DISTRIBUTED=1 WANDB_MODE=offline "
-                        ".venv/bin/python launch/train.py --config configs/rl_maze.py 2>&1 | tee ~/jaxrl_vl_train.log'")
+    assert len(lines) == 3  # no code scp when cloning; the env file goes by scp, not on the command line
+    assert lines[0].startswith("gcloud compute tpus tpu-vm scp /") and lines[0].endswith(
+        "/jaxrl_vl_env_big big:jaxrl_vl_train.env --worker=all --zone=us-east5-a --project=proj")
+    assert lines[1].startswith("gcloud compute tpus tpu-vm ssh big --worker=all --zone=us-east5-a --project=proj '--command=")
+    assert "git clone https://github.com/org/jaxrl_vl.git ~/jaxrl_vl" in lines[1]
+    assert "checkout --quiet v1" in lines[1]
+    assert lines[2] == ("gcloud compute tpus tpu-vm ssh big --worker=all --zone=us-east5-a --project=proj "
+                        "'--command=set -o pipefail; cd ~/jaxrl_vl && chmod 600 ~/jaxrl_vl_train.env && set -a && "
+                        ". ~/jaxrl_vl_train.env && set +a && .venv/bin/python launch/train.py --config configs/rl_maze.py "
+                        "--config.distributed=on 2>&1 | tee ~/jaxrl_vl_train.log'")
+    assert "offline" not in " ".join(lines)
+
+
+def test_env_values_travel_in_a_private_file_not_argv(monkeypatch, tmp_path):
+    monkeypatch.setenv("JAXRL_VL_SERVER_TOKEN", "s3cret-" * 6)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    copied = {}
+
+    class Recorder(FakeRunner):
+        def run(self, argv, *, capture=False, detach=False):
+            if "scp" in argv and argv[-4].endswith("jaxrl_vl_train.env"):
+                path = argv[-5]
+                copied["text"], copied["mode"] = open(path).read(), os.stat(path).st_mode & 0o777
+            return super().run(argv, capture=capture, detach=detach)
+
+    runner = Recorder()
+    assert cli.main(["run", "t", "--tpu=v5e-8", "--zone=z", "--project=p", "--config=c.py", "--skip-install",
+                     "--code=git:https://example.invalid/r.git", "--env=JAXRL_VL_SERVER_TOKEN", "--env=A=b c"],
+                    runner=runner) == 0
+    assert copied == {"text": "A='b c'\nJAXRL_VL_SERVER_TOKEN=" + "s3cret-" * 6 + "\n", "mode": 0o600}
+    assert list(tmp_path.iterdir()) == []  # the local copy is removed after the run
+    assert cli.main(["run", "t", "--tpu=v5e-8", "--zone=z", "--project=p", "--config=c.py",
+                     "--env=NOT_SET_ANYWHERE_123", "--dry-run"], runner=FakeRunner()) == 1
 
 
 def test_multislice_node_count_2():
@@ -78,8 +99,9 @@ def test_multislice_node_count_2():
                         "--best-effort")
     assert lines[2] == ("gcloud compute tpus queued-resources scp /tmp/c.tgz ms:jaxrl_vl_code.tar.gz --node=all "
                         "--worker=all --zone=z1 --project=p")
-    assert lines[3].startswith("gcloud compute tpus queued-resources ssh ms --node=all --worker=all --zone=z1 --project=p "
-                               "'--command=set -o pipefail; cd ~/jaxrl_vl && env JAXRL_VL_DISTRIBUTED=1 ")
+    assert lines[3] == ("gcloud compute tpus queued-resources ssh ms --node=all --worker=all --zone=z1 --project=p "
+                        "'--command=set -o pipefail; cd ~/jaxrl_vl && .venv/bin/python launch/train.py --config "
+                        "configs/sft_digits.py --config.distributed=on 2>&1 | tee ~/jaxrl_vl_train.log'")
     assert lines[4] == "gcloud compute tpus queued-resources delete ms --zone=z1 --project=p --force --quiet"
     assert len(lines) == 5
     logs = dry_run(["logs", "ms", "--zone=z1", "--project=p", "--node-count=2", "--dry-run"])
@@ -170,7 +192,7 @@ def test_bad_inputs_are_clear_errors(capsys):
     assert "NAME='Bad_Name'" in capsys.readouterr().err
     assert cli.main(["run", "ok", "--tpu=v5e-8", "--zone=z", "--project=p", "--config=c.py", "--env=NOVALUE",
                      "--dry-run"]) == 1
-    assert "--env='NOVALUE'" in capsys.readouterr().err
+    assert "--env='NOVALUE'" in capsys.readouterr().err  # not set locally either
     assert cli.main(["delete", "ok", "--zone=z", "--project=p", "--dry-run", "--", "--config.x=1"]) == 2
 
 
@@ -180,36 +202,3 @@ def test_bundle_holds_the_code_and_not_the_venv(tmp_path):
     assert len(names) == num_files
     assert {"launch/tpu/commands.py", "launch/train.py", "pyproject.toml"} <= names
     assert not any(n.startswith((".venv/", ".git/", "runs/")) or "__pycache__" in n for n in names)
-
-
-def test_distributed_arguments_from_environment():
-    assert distributed.initialize_arguments({}) is None
-    assert distributed.initialize_arguments({"JAXRL_VL_DISTRIBUTED": "1"}) == {}
-    explicit = {"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
-    assert distributed.initialize_arguments(explicit) == {"coordinator_address": "10.0.0.2:1234",
-                                                          "num_processes": 4, "process_id": 3}
-    assert distributed.initialize_arguments({**explicit, "JAXRL_VL_DISTRIBUTED": "0"}) is None
-    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES, JAX_PROCESS_ID not"):
-        distributed.initialize_arguments({"JAX_COORDINATOR_ADDRESS": "h:1"})
-    with pytest.raises(ValueError, match="JAX_PROCESS_ID=4 must be in"):
-        distributed.initialize_arguments({**explicit, "JAX_PROCESS_ID": "4"})
-    with pytest.raises(ValueError, match="JAXRL_VL_DISTRIBUTED='maybe'"):
-        distributed.initialize_arguments({"JAXRL_VL_DISTRIBUTED": "maybe"})
-
-
-def test_maybe_initialize_runs_jax_distributed_in_a_fresh_process():
-    """A one-process 'cluster' on CPU through the explicit variables; a fresh interpreter because
-    jax.distributed must start before the backend."""
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-           "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}
-    code = ("from jaxrl_vl.distributed import maybe_initialize; import jax\n"
-            "a = maybe_initialize(); b = maybe_initialize()\n"
-            "print(a.initialized_here, b.initialized_here, a.process_count, jax.distributed.is_initialized())\n"
-            "jax.distributed.shutdown()")
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["True", "False", "1", "True"]

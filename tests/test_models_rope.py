@@ -83,15 +83,38 @@ def test_image_count_mismatch_is_reported():
         mrope_position_ids(ids, mask, grids[::-1] * np.array([1, 2, 2]), IMAGE, 2)
 
 
-def test_cos_sin_equal_transformers_rotary(hf_model):
-    arch, model = hf_model
+ROPE_VARIANTS = {
+    "default": None,
+    "linear": dict(rope_type="linear", factor=2.0),
+    "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=16, beta_slow=2),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ROPE_VARIANTS))
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
+def test_cos_sin_equal_transformers_rotary(arch, variant):
+    overrides = {}
+    if ROPE_VARIANTS[variant]:
+        section = [2, 3, 3]
+        overrides["rope_parameters"] = dict(rope_theta=10000.0, mrope_section=section, **ROPE_VARIANTS[variant])
+    torch.manual_seed(0)
+    model = getattr(transformers, ARCH_CLASSES[arch])(hf_config(arch, text_overrides=overrides)).eval()
     config = ModelConfig.from_hf_dict(model.config.to_dict())
     text = config.text
+    assert text.rope_type == variant
     positions = np.random.default_rng(0).integers(0, 300, (3, 2, 7))
-    rotary = model.language_model.rotary_emb
     x = torch.zeros(1, dtype=torch.float32)
-    cos_hf, sin_hf = rotary(x, torch.tensor(positions))
-    cos, sin = rotary_cos_sin(positions, text.head_dim, text.rope_theta, text.mrope_section, text.mrope_interleaved)
+    cos_hf, sin_hf = model.language_model.rotary_emb(x, torch.tensor(positions))
+    cos, sin = rotary_cos_sin(positions, text.head_dim, text.rope_theta, text.mrope_section, text.mrope_interleaved,
+                              rope_type=text.rope_type, rope_scaling=text.rope_scaling)
     np.testing.assert_allclose(np.asarray(cos), cos_hf.numpy(), atol=2e-6)
     np.testing.assert_allclose(np.asarray(sin), sin_hf.numpy(), atol=2e-6)
     assert text.mrope_interleaved == (arch == "qwen3_vl")
+    assert ModelConfig.from_hf_dict(config.to_hf_dict()) == config
+
+
+def test_unsupported_rope_type_names_the_field():
+    d = hf_config("qwen3_vl").to_dict()
+    d["text_config"]["rope_parameters"]["rope_type"] = "longrope"
+    with pytest.raises(ValueError, match="rope_parameters.rope_type='longrope'"):
+        ModelConfig.from_hf_dict(d)

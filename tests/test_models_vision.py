@@ -224,3 +224,34 @@ def test_remat_keeps_gradients(arch):
         scale = float(jnp.abs(plain).max()) + 1e-12
         np.testing.assert_allclose(np.asarray(remat) / scale, np.asarray(plain) / scale, atol=1e-5, rtol=0)
     assert float(jnp.abs(grads[0]["blocks"]["attn"]["qkv"]["weight"]).max()) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
+def test_real_patch_and_window_geometry_matches_float64_transformers(arch):
+    """Real patch sizes (16 / 14), the real 48x48 position grid and 112 px windows (4x4 merged
+    tokens, with partial windows), checked against transformers run in float64."""
+    common = dict(depth=3, hidden_size=64, num_heads=2, intermediate_size=64, out_hidden_size=32,
+                  temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
+    if arch == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+        vision_config = Qwen3VLConfig(vision_config=dict(
+            common, patch_size=16, hidden_act="gelu_pytorch_tanh", num_position_embeddings=2304,
+            deepstack_visual_indexes=[0, 1])).vision_config
+    else:
+        from transformers import Qwen2_5_VLConfig
+        vision_config = Qwen2_5_VLConfig(vision_config=dict(
+            common, patch_size=14, hidden_act="silu", window_size=112, fullatt_block_indexes=[1])).vision_config
+    vision_config._attn_implementation = "eager"
+    grid = np.array([[1, 10, 14], [1, 22, 8], [1, 4, 4], [2, 8, 10]])
+    model = _hf_vision_model(arch, vision_config)
+    params = _stacked_params(model.state_dict())
+    real, padded = _patches(vision_config, grid, num_padding=8, seed=5)
+    real, padded = 0.3 * real, 0.3 * padded  # normalized-image scale
+    want_embeds, want_deepstack = _hf_outputs(model.double(), real.astype(np.float64), grid)
+    embeds, deepstack = jax.jit(lambda p, x, v: apply_vision(p, vision_config, x, v))(
+        params, jnp.asarray(padded), vision_inputs(vision_config, grid, padded.shape[0]))
+    num_real_tokens = real.shape[0] // 4
+    np.testing.assert_allclose(np.asarray(embeds)[:num_real_tokens], want_embeds, atol=TOL, rtol=0)
+    if arch == "qwen3_vl":
+        np.testing.assert_allclose(np.asarray(deepstack)[:, :num_real_tokens], want_deepstack, atol=TOL, rtol=0)

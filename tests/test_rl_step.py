@@ -198,3 +198,22 @@ def test_rl_steps_with_weight_push_keep_drift_small_and_resume(tiny_model_dir, t
         assert record["train/grad_norm"] > 0 and record["rollout/stale_turns"] == 0.0
         assert record["rollout/images_mean"] >= 2  # several images per training sequence
     assert summary["success_before_rl"] is not None
+
+
+@pytest.mark.parametrize("name", ["rl_maze", "rl_digits", "rl_geometry", "maze_sft_rl"])
+def test_rl_configs_build_valid_agent_loss_and_env(name):
+    from jaxrl_vl.envs import make_env
+    from jaxrl_vl.train.config_overrides import load_config_file
+    from jaxrl_vl.train.rl_loop import agent_config, policy_loss_config, train_seeds
+
+    config = load_config_file(str(REPO / "configs" / f"{name}.py"))
+    if name == "maze_sft_rl":
+        assert config.trainer == "sft_then_rl" and config.sft.trainer == "sft"
+        config = config.rl
+    assert config.trainer == "rl"
+    assert agent_config(config.rl).samples_per_group == config.rl.samples_per_group
+    assert agent_config(config.rl, evaluation=True).temperature == config.rl.eval_temperature
+    policy_loss_config(config.loss)
+    env = make_env(config.rl.env, **dict(config.rl.env_kwargs))
+    assert env.reset(train_seeds(config.rl, 1)[0])
+    assert train_seeds(config.rl, 2)[0] == train_seeds(config.rl, 1)[-1] + 1

@@ -65,8 +65,9 @@ def test_server_command_cpu_and_gpu_flags(tmp_path):
     assert json.loads(argv[argv.index("--limit-mm-per-prompt") + 1]) == {"image": 4, "video": 0}
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "0.5" and env["VLLM_SERVER_DEV_MODE"] == "1" and env["HF_HUB_OFFLINE"] == "1"
     gpu = ServerConfig(model=str(tmp_path), launcher="vllm", device="gpu", cuda_visible_devices="1", enforce_eager=False,
-                       enable_lora=True)
+                       enable_lora=True, weight_transfer_backend="jaxrl_stream")
     argv, env = server_command(gpu, 1)
+    assert json.loads(argv[argv.index("--weight-transfer-config") + 1]) == {"backend": "jaxrl_stream"}
     assert "--gpu-memory-utilization" in argv and "--enforce-eager" not in argv and "--enable-lora" in argv
     assert "VLLM_CPU_KVCACHE_SPACE" not in env and env["CUDA_VISIBLE_DEVICES"] == "1"
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
@@ -148,3 +149,14 @@ def test_client_retries_transient_errors_and_quotes_the_server():
         return ok
 
     assert asyncio.run(scenario())["choices"][0]["token_ids"] == [1]
+
+
+def test_stream_chunks_are_bounded_and_complete():
+    from jaxrl_vl.rollout.weight_push import state_chunks
+
+    state = {f"layer.{i}.weight": np.full((i + 1, 100), i, np.float32) for i in range(6)}  # 400..2400 bytes
+    state["big"] = np.zeros((10, 1000), np.float32)  # 40 kB: larger than a chunk, travels alone
+    chunks = list(state_chunks(state, chunk_bytes=3000))
+    assert sorted(n for c in chunks for n in c) == sorted(state)
+    assert all(sum(a.nbytes for a in c.values()) <= 3000 for c in chunks if "big" not in c)
+    assert [list(c) for c in chunks if "big" in c] == [["big"]]

@@ -155,6 +155,7 @@ def test_derender_turns_tokens_back_into_text_and_attach_reads_model_name(vllm_s
     assert attached.served_model_name == "tiny" and attached.process is None
 
 
+@pytest.mark.slow
 def test_server_log_is_kept_and_a_crashing_server_is_reported(vllm_server, tmp_path):
     import shutil
 

@@ -1,4 +1,4 @@
-"""Weight push (`reload` transport) into the real CPU vLLM server of the session.
+"""Weight push (`reload` and `stream` transports) into the real CPU vLLM server of the session.
 
 A push of perturbed weights changes vLLM's logprobs exactly as transformers predicts for those
 weights (fp32), the version label follows the push, images seen before the push are served
@@ -43,7 +43,8 @@ def _hf_sampled_logprobs(model_dir, state, prompt_ids, sampled_ids, pixels, grid
     return logprobs[positions, torch.tensor(sampled_ids)].numpy()
 
 
-def test_push_changes_logprobs_as_transformers_predicts(vllm_server, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("transport", ["reload", "stream"])
+def test_push_changes_logprobs_as_transformers_predicts(vllm_server, tiny_model_dir, tmp_path, transport):
     from transformers import AutoProcessor
 
     image_processor = AutoProcessor.from_pretrained(tiny_model_dir).image_processor
@@ -60,11 +61,14 @@ def test_push_changes_logprobs_as_transformers_predicts(vllm_server, tiny_model_
         rendered = await client.render(messages)
         before = await client.generate(rendered, sampling)
         try:
-            pushed = await push_state_dict(perturbed, [client], version=7, root=str(tmp_path))
+            # stream: 1 MB chunks, so the 4 MB model arrives in several requests
+            pushed = await push_state_dict(perturbed, [client], version=7, transport=transport, root=str(tmp_path),
+                                           chunk_bytes=1_000_000)
             after = await client.generate(rendered, sampling)  # same image again, after the reload
             version = await server_weight_version(client)
         finally:
-            restored_push = await push_state_dict(original, [client], version=0, root=str(tmp_path))
+            restored_push = await push_state_dict(original, [client], version=0, transport=transport,
+                                                  root=str(tmp_path))
         restored = await client.generate(rendered, sampling)
         return rendered, before, pushed, after, version, restored_push, restored
 
@@ -73,7 +77,8 @@ def test_push_changes_logprobs_as_transformers_predicts(vllm_server, tiny_model_
             return await scenario(client)
 
     rendered, before, pushed, after, version, restored_push, restored = asyncio.run(main())
-    assert version == "7" and pushed.version == "7" and pushed.num_tensors == len(original)
+    assert version == "7" and pushed.version == "7" and pushed.transport == transport
+    assert pushed.num_tensors == len(original)
     assert pushed.num_bytes == sum(v.nbytes for v in original.values()) and pushed.reload_seconds > 0
     choice = after["choices"][0]
     assert weight_versions(choice) == ["7"] and check_weight_versions(choice, 7)

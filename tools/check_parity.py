@@ -1,14 +1,15 @@
 """Logit parity of the JAX Qwen-VL model against transformers (fp32, CPU).
 
-    python tools/check_parity.py --model DIR [--dtype float32] [--seed 0]
+    python tools/check_parity.py --model DIR [--dtype float32] [--seed 0] [--platform cpu|gpu]
 
-Builds one batch with several images of different sizes in one row, a text-only row and a single-image
-row (right-padded): with the checkpoint's own processor/tokenizer when the folder has them, else with
-synthesized token ids and pixel patches from the config. Runs transformers' model on it (its own
+Builds one right-padded batch with rows of several images of different sizes, a text-only row and a
+single-image row: with the checkpoint's own processor and chat template when the folder has them (3 rows,
+3 images), else with synthesized token ids and pixel patches from the config (4 rows, 5 images). Runs transformers' model on it (its own
 get_rope_index, masked_scatter, attention mask) and ours (make_batch + apply), compares logits on the
 real tokens, and prints a JSON summary as the last line:
-  {"max_abs_logit_diff", "mean_abs_logit_diff", "arch", "num_params", "num_tokens", "num_images",
-   "batch_source", "jax_seconds", "torch_seconds", "ok"}
+  {"max_abs_logit_diff", "mean_abs_logit_diff", "max_abs_logit", "arch", "num_params", "num_tokens",
+   "num_images", "batch_source", "dtype", "jax_seconds_incl_compile", "jax_seconds", "jax_device",
+   "torch_seconds", "tolerance", "ok"}
 Exit status 1 when max_abs_logit_diff > --tolerance (default 1e-4).
 """
 from __future__ import annotations
@@ -152,7 +153,8 @@ def run(model_dir: str, dtype: str = "float32", seed: int = 0) -> dict:
             "arch": config.arch, "num_params": num_params(params), "num_tokens": int(real.sum()),
             "num_images": int(len(batch.get("image_grid_thw", ()))), "batch_source": source, "dtype": dtype,
             "jax_seconds_incl_compile": round(jax_seconds, 3),
-            "jax_seconds": round(jax_run_seconds, 3), "jax_device": str(jax.devices()[0].platform), "torch_seconds": round(torch_seconds, 3)}
+            "jax_seconds": round(jax_run_seconds, 3), "jax_device": str(jax.devices()[0].platform),
+            "torch_seconds": round(torch_seconds, 3)}
 
 
 def main(argv=None) -> int:

@@ -105,21 +105,20 @@ async def _rollouts(client, prompts, seed, max_tokens, forbidden_ids):
 def run(model_dir: str, transport: str = "reload", dtype: str = "float32", seed: int = 0, max_tokens: int = 16) -> dict:
     from jaxrl_vl.models import load
 
-    if transport != "reload":
-        raise ValueError(f"--transport {transport!r}: only 'reload' is implemented (the 'stream' transport is not)")
     config, params = load(model_dir)
     processor_config = json.loads((Path(model_dir) / "preprocessor_config.json").read_text())
     mean, std = processor_config["image_mean"], processor_config["image_std"]
     prompts = _prompts(np.random.default_rng(seed))
     forbidden = [config.image_token_id, config.video_token_id, config.vision_start_token_id,
                  config.vision_end_token_id]
-    handle = start_server(ServerConfig(model=model_dir, served_model_name="policy", dtype=dtype, seed=seed))
+    handle = start_server(ServerConfig(model=model_dir, served_model_name="policy", dtype=dtype, seed=seed,
+                                       weight_transfer_backend="jaxrl_stream" if transport == "stream" else None))
     try:
         async def main():
             async with VLLMClient(handle.url, "policy") as client:
                 rendered, _ = await _rollouts(client, prompts[:1], seed, 1, forbidden)
                 new_params, loss = _optimizer_step(params, config, _row(rendered[0], [], mean, std))
-                push = await push_params(new_params, config, [client], version=1)
+                push = await push_params(new_params, config, [client], version=1, transport=transport)
                 rendered, choices = await _rollouts(client, prompts, seed, max_tokens, forbidden)
                 return new_params, loss, push, rendered, choices
 

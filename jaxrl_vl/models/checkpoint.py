@@ -219,8 +219,12 @@ def _resolve_dir(path_or_hub_id: str) -> str:
     if path_or_hub_id.startswith((".", "/")) or path_or_hub_id.count("/") != 1:
         raise FileNotFoundError(f"checkpoint folder {path_or_hub_id!r} does not exist (and is not a hub id "
                                 "of the form owner/name)")
-    from huggingface_hub import snapshot_download  # hub ids only; needs network
-    return snapshot_download(path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
+    from huggingface_hub import snapshot_download  # hub ids only; needs network (or a filled HF cache)
+    try:
+        return snapshot_download(path_or_hub_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
+    except Exception as e:  # offline, unknown repo, gated, ...: say both readings of the argument
+        raise FileNotFoundError(f"{path_or_hub_id!r} is not a local folder, and fetching it as a Hugging Face hub "
+                                f"id failed ({type(e).__name__}: {e})") from e
 
 
 def read_state_dict(folder: str) -> dict[str, np.ndarray]:

@@ -59,6 +59,8 @@ class TextConfig:
     rope_theta: float = 1000000.0
     mrope_section: tuple[int, ...] = (16, 24, 24)
     mrope_interleaved: bool = False  # Qwen3-VL: True
+    rope_type: str = "default"  # "default" | "linear" | "yarn" (transformers' rope_parameters.rope_type)
+    rope_scaling: tuple = ()  # sorted (key, value) pairs: factor, beta_fast, ... for linear / yarn
     qkv_bias: bool = False  # Qwen2.5-VL: True (architectural)
     o_proj_bias: bool = False  # Qwen3-VL: equals attention_bias
     qk_norm: bool = False  # Qwen3-VL: RMSNorm over head_dim on q and k
@@ -153,16 +155,32 @@ def detect_arch(d: dict) -> str:
         f"(architectures {sorted(_ARCH_BY_CLASS)})")
 
 
-def _rope_settings(t: dict, arch: str) -> tuple[float, tuple[int, ...], bool]:
+ROPE_TYPES = ("default", "linear", "yarn")
+_ROPE_EXTRA_KEYS = ("factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                    "original_max_position_embeddings", "truncate")
+
+
+def _rope_settings(t: dict, arch: str):
+    """(theta, mrope_section, interleaved, rope_type, extra scaling params as sorted (key, value) pairs)."""
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "mrope"):
+    rope_type = "default" if rope_type == "mrope" else rope_type
+    if rope_type not in ROPE_TYPES:
         raise ValueError(f"config text_config.rope_parameters.rope_type={rope_type!r} is not supported; "
-                         f"only 'default' (M-RoPE) is implemented for {arch}")
+                         f"implemented: {list(ROPE_TYPES)}")
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("config text_config.rope_parameters.partial_rotary_factor != 1 is not supported")
     theta = rope.get("rope_theta", t.get("rope_theta", _DEFAULT_THETA[arch]))
     section = tuple(int(s) for s in rope.get("mrope_section", _DEFAULT_MROPE_SECTION[arch]))
-    interleaved = bool(rope.get("mrope_interleaved", arch == "qwen3_vl")) if arch == "qwen3_vl" else False
-    return float(theta), section, interleaved
+    # transformers' Qwen3-VL rotary always interleaves (it never reads mrope_interleaved); Qwen2.5-VL never does
+    interleaved = arch == "qwen3_vl"
+    extra = {k: rope[k] for k in _ROPE_EXTRA_KEYS if rope.get(k) is not None}
+    if rope_type == "yarn":
+        extra.setdefault("original_max_position_embeddings", int(t.get("max_position_embeddings") or
+                                                                 _TEXT_DEFAULTS[arch]["max_position_embeddings"]))
+    if rope_type in ("linear", "yarn") and "factor" not in extra:
+        raise ValueError(f"config text_config.rope_parameters: rope_type={rope_type!r} needs 'factor'")
+    return float(theta), section, interleaved, rope_type, tuple(sorted(extra.items()))
 
 
 def _text_config(t: dict, arch: str) -> TextConfig:
@@ -174,7 +192,7 @@ def _text_config(t: dict, arch: str) -> TextConfig:
     hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
     kv_heads = int(t["num_key_value_heads"]) if t.get("num_key_value_heads") is not None else (
         int(defaults.get("num_key_value_heads", heads)) if "num_key_value_heads" not in t else heads)
-    theta, section, interleaved = _rope_settings(t, arch)
+    theta, section, interleaved, rope_type, rope_extra = _rope_settings(t, arch)
     if arch == "qwen3_vl":
         head_dim = int(t.get("head_dim") or defaults["head_dim"])
         attention_bias = bool(t.get("attention_bias", False))
@@ -207,6 +225,7 @@ def _text_config(t: dict, arch: str) -> TextConfig:
         intermediate_size=int(get("intermediate_size")), num_hidden_layers=int(get("num_hidden_layers")),
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, hidden_act=get("hidden_act"),
         rms_norm_eps=float(get("rms_norm_eps")), rope_theta=theta, mrope_section=section,
+        rope_type=rope_type, rope_scaling=rope_extra,
         mrope_interleaved=interleaved, qkv_bias=qkv_bias, o_proj_bias=o_bias, qk_norm=qk_norm,
         max_position_embeddings=int(get("max_position_embeddings")),
         sliding_window=None if sliding is None else int(sliding), max_window_layers=max_window_layers)
@@ -294,9 +313,11 @@ def _text_to_hf(t: TextConfig, config: ModelConfig) -> dict:
                num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
                num_key_value_heads=t.num_key_value_heads, hidden_act=t.hidden_act, rms_norm_eps=t.rms_norm_eps,
                max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=config.tie_word_embeddings,
-               bos_token_id=config.bos_token_id,
-               eos_token_id=list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id, pad_token_id=config.pad_token_id)
-    rope = {"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)}
+               bos_token_id=config.bos_token_id, pad_token_id=config.pad_token_id,
+               eos_token_id=list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else
+               config.eos_token_id)
+    rope = {"rope_type": t.rope_type, "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section),
+            **dict(t.rope_scaling)}
     if t.arch == "qwen3_vl":
         rope["mrope_interleaved"] = t.mrope_interleaved
         out.update(model_type="qwen3_vl_text", head_dim=t.head_dim, attention_bias=t.qkv_bias)

@@ -91,15 +91,16 @@ def embed_inputs(params: dict, batch: dict, config: ModelConfig, dtype=jnp.float
 
 
 def apply(params: dict, batch: dict, config: ModelConfig, *, dtype=jnp.float32, remat: str = "none",
-          return_hidden: bool = False) -> jax.Array:
+          return_hidden: bool = False, attention: str = "auto") -> jax.Array:
     """Forward pass. batch: input_ids [B, L], segment_ids [B, L], position_ids [3, B, L], and optionally
     pixel_values [P, C*T*p*p] + the vision_* arrays (see models.inputs.make_batch).
 
     Returns logits [B, L, V] float32, or the final normed hidden states [B, L, D] (in dtype) when
-    return_hidden (for chunked cross-entropy via `unembed`)."""
+    return_hidden (for chunked cross-entropy via `unembed`). attention: the text decoder's attention
+    implementation (models.text.ATTENTION_IMPLS; "auto" = cuDNN on GPU in bf16, else XLA)."""
     embeds, deepstack = embed_inputs(params, batch, config, dtype, remat)
     hidden = decoder(params["model"]["language_model"], embeds, batch["position_ids"], batch["segment_ids"],
-                     config.text, dtype=dtype, remat=remat, deepstack_embeds=deepstack)
+                     config.text, dtype=dtype, remat=remat, deepstack_embeds=deepstack, attention=attention)
     if return_hidden:
         return hidden
     return unembed(params, hidden, config)

@@ -9,6 +9,8 @@ Two parts:
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,10 +85,55 @@ def mrope_position_ids(input_ids: np.ndarray, segment_ids: np.ndarray, image_gri
     return positions.astype(np.int32)
 
 
-def inv_frequencies(head_dim: int, theta: float) -> np.ndarray:
-    """[head_dim/2] float32, computed as transformers does (float32 power)."""
+def inv_frequencies(head_dim: int, theta: float, rope_type: str = "default",
+                    rope_scaling: tuple = ()) -> tuple[np.ndarray, float]:
+    """([head_dim/2] float32 inverse frequencies, attention scaling of cos/sin), as transformers computes
+    them (float32 arithmetic) for rope_type "default", "linear" and "yarn"."""
+    params = dict(rope_scaling)
     exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    return (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
+    pos_freqs = np.float32(theta) ** exponent
+    inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    if rope_type == "default":
+        return inv_freq, 1.0
+    factor = float(params["factor"])
+    if rope_type == "linear":
+        return (inv_freq / np.float32(factor)).astype(np.float32), 1.0
+    if rope_type != "yarn":
+        raise ValueError(f"rope_type={rope_type!r} is not supported (default, linear, yarn)")
+    return _yarn(head_dim, theta, factor, params, pos_freqs)
+
+
+def _yarn(head_dim: int, theta: float, factor: float, params: dict, pos_freqs: np.ndarray) -> tuple[np.ndarray, float]:
+    """transformers' _compute_yarn_parameters, in numpy."""
+    def get_mscale(scale, mscale=1.0):
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast = params.get("beta_fast") or 32
+    beta_slow = params.get("beta_slow") or 1
+    original = params["original_max_position_embeddings"]
+
+    def correction_dim(rotations):
+        return (head_dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: avoid a zero-width ramp
+    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extrapolation_factor = (np.float32(1) - ramp).astype(np.float32)
+    inv_extrapolation = np.float32(1.0) / pos_freqs
+    inv_interpolation = np.float32(1.0) / (np.float32(factor) * pos_freqs)
+    inv_freq = inv_interpolation * (1 - extrapolation_factor) + inv_extrapolation * extrapolation_factor
+    return inv_freq.astype(np.float32), float(attention_factor)
 
 
 def frequency_axes(head_dim: int, mrope_section: tuple[int, ...], interleaved: bool) -> np.ndarray:
@@ -103,14 +150,19 @@ def frequency_axes(head_dim: int, mrope_section: tuple[int, ...], interleaved: b
 
 
 def rotary_cos_sin(position_ids: jax.Array, head_dim: int, theta: float, mrope_section: tuple[int, ...],
-                   interleaved: bool, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+                   interleaved: bool, dtype=jnp.float32, rope_type: str = "default",
+                   rope_scaling: tuple = ()) -> tuple[jax.Array, jax.Array]:
     """position_ids int [3, B, L] -> (cos, sin) each [B, L, head_dim] in `dtype` (as transformers casts)."""
-    inv_freq = jnp.asarray(inv_frequencies(head_dim, theta))
+    inv_freq, attention_scaling = inv_frequencies(head_dim, theta, rope_type, rope_scaling)
+    inv_freq = jnp.asarray(inv_freq)
     axes = frequency_axes(head_dim, tuple(mrope_section), interleaved)
     pos = position_ids.astype(jnp.float32)[axes]  # [half, B, L]: the position each frequency sees
     freqs = jnp.moveaxis(pos, 0, -1) * inv_freq  # [B, L, half]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if attention_scaling != 1.0:
+        cos, sin = cos * attention_scaling, sin * attention_scaling
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:

@@ -17,6 +17,22 @@ from jaxrl_vl.models.layers import activation, linear, rms_norm
 from jaxrl_vl.models.rope import apply_rotary, rotary_cos_sin
 
 REMAT_POLICIES = ("none", "full", "dots")
+# "auto": cuDNN flash attention on GPU for bf16/fp16 (takes the packing mask as a bias, never builds the
+#   [B, heads, L, L] logits), XLA otherwise.  "xla" / "cudnn": force one.  "cudnn_causal": cuDNN's built-in
+#   causal + padding mask with no bias at all (fastest), ONLY valid for unpacked rows (segment ids 1 on real
+#   tokens, right-padded with 0); packed rows would attend across examples.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "cudnn_causal")
+
+
+def attention_implementation(requested: str, dtype, head_dim: int) -> str:
+    """Resolves "auto" to "cudnn" (GPU, bf16/fp16, head_dim a multiple of 8 and <= 128) or "xla"."""
+    if requested not in ATTENTION_IMPLS:
+        raise ValueError(f"attention={requested!r} is not one of {ATTENTION_IMPLS}")
+    if requested != "auto":
+        return requested
+    cudnn_ok = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+                and head_dim % 8 == 0 and head_dim <= 128)
+    return "cudnn" if cudnn_ok else "xla"
 
 
 def attention_mask(segment_ids: jax.Array, sliding_window: int | None = None) -> jax.Array:
@@ -33,9 +49,11 @@ def attention_mask(segment_ids: jax.Array, sliding_window: int | None = None) ->
     return mask[:, None]
 
 
-def _attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cfg: TextConfig,
-               dtype) -> jax.Array:
-    """x [B, L, D] -> [B, L, D]. GQA: num_attention_heads query heads share num_key_value_heads k/v heads."""
+def _attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask, cfg: TextConfig,
+               dtype, impl: str = "xla") -> jax.Array:
+    """x [B, L, D] -> [B, L, D]. GQA: num_attention_heads query heads share num_key_value_heads k/v heads.
+
+    mask: bool [B, 1, L, L] for impl "xla"/"cudnn"; int32 [B] real-token counts for "cudnn_causal"."""
     batch, length, _ = x.shape
     q = linear(p["q_proj"], x, dtype).reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
     k = linear(p["k_proj"], x, dtype).reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
@@ -45,15 +63,23 @@ def _attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.
         k = rms_norm(p["k_norm"], k, cfg.rms_norm_eps)
     q = apply_rotary(q, cos, sin)
     k = apply_rotary(k, cos, sin)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=cfg.head_dim ** -0.5)
+    scale = cfg.head_dim ** -0.5
+    if impl == "cudnn_causal":
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, query_seq_lengths=mask,
+                                           key_value_seq_lengths=mask, implementation="cudnn")
+    elif impl == "cudnn":  # is_causal lets cuDNN skip the upper-triangle tiles; the mask adds packing
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+                                           implementation="cudnn")
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
     return linear(p["o_proj"], out.reshape(batch, length, cfg.num_attention_heads * cfg.head_dim), dtype)
 
 
-def decoder_layer(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cfg: TextConfig,
-                  dtype) -> jax.Array:
+def decoder_layer(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask, cfg: TextConfig,
+                  dtype, attention_impl: str = "xla") -> jax.Array:
     """One pre-norm decoder layer. x [B, L, D] in the compute dtype."""
     h = rms_norm(p["input_layernorm"], x, cfg.rms_norm_eps)
-    x = x + _attention(p["self_attn"], h, cos, sin, mask, cfg, dtype)
+    x = x + _attention(p["self_attn"], h, cos, sin, mask, cfg, dtype, attention_impl)
     h = rms_norm(p["post_attention_layernorm"], x, cfg.rms_norm_eps)
     mlp = p["mlp"]
     gated = activation(cfg.hidden_act)(linear(mlp["gate_proj"], h, dtype)) * linear(mlp["up_proj"], h, dtype)
@@ -72,25 +98,32 @@ def _remat(fn, remat: str):
 
 def decoder(params: dict, inputs_embeds: jax.Array, position_ids: jax.Array, segment_ids: jax.Array,
             cfg: TextConfig, *, dtype=jnp.float32, remat: str = "none",
-            deepstack_embeds: jax.Array | None = None) -> jax.Array:
+            deepstack_embeds: jax.Array | None = None, attention: str = "auto") -> jax.Array:
     """Runs all decoder layers and the final norm.
 
     params: the `model.language_model` subtree (layers stacked). inputs_embeds [B, L, D];
     position_ids int [3, B, L]; segment_ids int [B, L];
     deepstack_embeds: [n, B, L, D] dense per-token additions after layers 0..n-1 (zeros off image tokens).
+    attention: one of ATTENTION_IMPLS (see there; "cudnn_causal" only for unpacked rows).
     Returns the normed hidden states [B, L, D] in `dtype`.
     """
     cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
-                              cfg.mrope_interleaved, dtype)
-    full_mask = attention_mask(segment_ids)
+                              cfg.mrope_interleaved, dtype, cfg.rope_type, cfg.rope_scaling)
     sliding = cfg.sliding_layers()
+    impl = attention_implementation(attention, dtype, cfg.head_dim)
+    if impl == "cudnn_causal" and any(sliding):
+        impl = "cudnn"  # sliding-window layers need the explicit mask
+    if impl == "cudnn_causal":
+        full_mask = jnp.sum(segment_ids > 0, axis=1).astype(jnp.int32)  # [B] real tokens per row
+    else:
+        full_mask = attention_mask(segment_ids)
     sliding_mask = attention_mask(segment_ids, cfg.sliding_window) if any(sliding) else None
     num_deepstack = 0 if deepstack_embeds is None else deepstack_embeds.shape[0]
 
     def body(x, layer):
         layer_params, layer_index, is_sliding = layer
         mask = full_mask if sliding_mask is None else jnp.where(is_sliding, sliding_mask, full_mask)
-        x = decoder_layer(layer_params, x, cos, sin, mask, cfg, dtype)
+        x = decoder_layer(layer_params, x, cos, sin, mask, cfg, dtype, impl)
         if num_deepstack:
             # DeepStack: add the visual features of tap `layer_index` after the first n layers
             extra = deepstack_embeds[jnp.minimum(layer_index, num_deepstack - 1)].astype(x.dtype)

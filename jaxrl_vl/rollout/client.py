@@ -57,7 +57,8 @@ class VLLMClient:
     """One server's client. Use `async with VLLMClient(url, model) as client: ...`."""
 
     def __init__(self, base_url: str, model: str, *, max_concurrency: int = 16, timeout_seconds: float = 600.0,
-                 max_retries: int = 4, backoff_seconds: float = 0.5, max_model_len: int | None = None):
+                 max_retries: int = 4, backoff_seconds: float = 0.5, max_model_len: int | None = None,
+                 api_key: str | None = None):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency={max_concurrency}: must be >= 1")
         self.base_url = base_url.rstrip("/")
@@ -67,7 +68,10 @@ class VLLMClient:
         self.max_model_len = max_model_len
         self._semaphore = asyncio.Semaphore(max_concurrency)
         limits = httpx.Limits(max_connections=max_concurrency + 4, max_keepalive_connections=max_concurrency)
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_seconds, limits=limits)
+        # api_key: sent as `Authorization: Bearer` on every request (a server behind
+        # launch/vllm_gpu_server.sh requires it on all routes but /health).
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_seconds, limits=limits, headers=headers)
 
     async def __aenter__(self):
         return self
@@ -115,7 +119,9 @@ class VLLMClient:
                     return ContextLengthError(url=url, prompt_tokens=int(match["prompt"]),
                                               max_model_len=int(match["max"]), body=response.text)
         hint = ""
-        if response.status_code == 403:
+        if response.status_code == 401:
+            hint = " (the server requires a bearer token: VLLMClient(api_key=...), config vllm.token_env)"
+        elif response.status_code == 403:
             hint = " (token-in/token-out routes need `--enable-scale-out`)"
         elif response.status_code == 404 and any(p in url for p in ("/pause", "/resume", "/collective_rpc")):
             hint = " (weight-update routes need VLLM_SERVER_DEV_MODE=1)"

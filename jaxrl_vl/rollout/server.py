@@ -47,6 +47,8 @@ class ServerConfig:
     max_loras: int = 1
     tool_call_parser: str | None = "hermes"  # enables tool_choice="auto" in render
     cuda_visible_devices: str | None = None  # e.g. "0" for one server per GPU
+    # "jaxrl_stream" enables the `stream` weight push (plugins/vllm_weight_stream, installed in the venv)
+    weight_transfer_backend: str | None = None
     vllm_venv: str = str(DEFAULT_VLLM_VENV)
     launcher: str | None = None  # an explicit `vllm` executable (e.g. on a GPU host); else the venv's
     extra_args: tuple[str, ...] = ()
@@ -107,6 +109,8 @@ def server_command(config: ServerConfig, port: int) -> tuple[list[str], dict[str
         argv += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
     if config.enable_lora:
         argv += ["--enable-lora", "--max-lora-rank", str(config.max_lora_rank), "--max-loras", str(config.max_loras)]
+    if config.weight_transfer_backend:
+        argv += ["--weight-transfer-config", json.dumps({"backend": config.weight_transfer_backend})]
     if config.tool_call_parser:
         argv += ["--enable-auto-tool-choice", "--tool-call-parser", config.tool_call_parser]
     argv += list(config.extra_args)
@@ -207,13 +211,18 @@ def restart_server(handle: ServerHandle) -> ServerHandle:
     return start_server(handle.config)
 
 
-def attach_server(url: str, served_model_name: str | None = None, timeout_seconds: float = 30.0) -> ServerHandle:
+def attach_server(url: str, served_model_name: str | None = None, timeout_seconds: float = 30.0,
+                  api_key: str | None = None) -> ServerHandle:
     """A handle for a server someone else runs. Waits for /health; reads the served model name
     from /v1/models when not given."""
     handle = ServerHandle(url=url.rstrip("/"), served_model_name=served_model_name or "")
     wait_until_healthy(handle, timeout_seconds)
     if not served_model_name:
-        models = httpx.get(f"{handle.url}/v1/models", timeout=10.0).json().get("data", [])
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        response = httpx.get(f"{handle.url}/v1/models", timeout=10.0, headers=headers)
+        if response.status_code == 401:
+            raise RuntimeError(f"{url}/v1/models: 401 Unauthorized; pass the server's token (config vllm.token_env)")
+        models = response.json().get("data", [])
         if not models:
             raise RuntimeError(f"{url}/v1/models lists no model")
         handle.served_model_name = models[0]["id"]

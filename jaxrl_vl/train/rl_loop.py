@@ -94,20 +94,29 @@ class _Servers:
         v = config.vllm
         self._server_lib, self.handles, self.started = server_lib, [], False
         urls = [u for u in (v.url.split(",") if v.url else []) if u]
+        self.transport = v.get("transport", "reload")
+        if self.transport not in weight_push.TRANSPORTS:
+            raise ValueError(f"vllm.transport={self.transport!r}: choose one of {weight_push.TRANSPORTS}")
+        token_env = v.get("token_env", "")
+        api_key = os.environ.get(token_env) if token_env else None
+        if token_env and not api_key:
+            raise ValueError(f"vllm.token_env={token_env!r}: that environment variable is empty; export the "
+                             "server's token (the JAXRL_VL_SERVER_TOKEN given to launch/vllm_gpu_server.sh)")
         if urls:
-            self.handles = [server_lib.attach_server(u, v.served_model_name or None) for u in urls]
+            self.handles = [server_lib.attach_server(u, v.served_model_name or None, api_key=api_key) for u in urls]
         else:
             server_config = server_lib.ServerConfig(
                 model=model_dir, served_model_name=v.served_model_name or "policy", device=v.device,
                 max_model_len=v.max_model_len, max_num_seqs=v.max_num_seqs,
                 max_num_batched_tokens=max(v.max_model_len, 2048), cpu_kv_cache_gib=v.cpu_kv_cache_gib,
                 max_images_per_prompt=v.max_images_per_prompt, enforce_eager=v.enforce_eager, seed=config.seed,
-                log_dir=os.path.join(run_dir, "vllm_logs"))
+                log_dir=os.path.join(run_dir, "vllm_logs"),
+                weight_transfer_backend="jaxrl_stream" if self.transport == "stream" else None)
             log.warning("starting a vLLM server on %s (log in %s)", model_dir, server_config.log_dir)
             self.handles = [server_lib.start_server(server_config)]
             self.started = True
-        self.clients = [VLLMClient(h.url, h.served_model_name, max_concurrency=v.max_concurrent_requests)
-                        for h in self.handles]
+        self.clients = [VLLMClient(h.url, h.served_model_name, max_concurrency=v.max_concurrent_requests,
+                                   api_key=api_key) for h in self.handles]
 
     async def aclose(self):
         for client in self.clients:
@@ -200,7 +209,8 @@ def run_rl(config) -> dict:
         return jax.device_get(lora_lib.merge(state.params, state.lora, lora_cfg))
 
     def push(version: int) -> float:
-        result = run(weight_push.push_params(merged_params(), model_config, servers.clients, version))
+        result = run(weight_push.push_params(merged_params(), model_config, servers.clients, version,
+                                             transport=servers.transport))
         return result.total_seconds
 
     def evaluate(tag: str) -> dict:

@@ -25,6 +25,7 @@ from jaxrl_vl.data.pipeline import PipelineSpec, make_dataset, render_records
 from jaxrl_vl.data.render import HFRenderer
 from jaxrl_vl.data.validation import DataReport
 from jaxrl_vl.train import flops, setup
+from jaxrl_vl.train.vllm_eval import ServerStartError
 from jaxrl_vl.train.config_overrides import ConfigError
 from jaxrl_vl.train.batches import make_stacked_collate, split_host_stats
 from jaxrl_vl.train.checkpoints import CheckpointStore
@@ -79,7 +80,7 @@ class _Data:
 
 
 def _evaluate(config, step: int, state: TrainState, *, data: _Data, model_config, eval_nll, generator,
-              lora_overlay) -> dict:
+              lora_cfg) -> dict:
     """-> {"eval/<split>_nll": ..., "eval/<split>_accuracy": ...} on the fixed held-out subset."""
     split, results = config.data.eval_split, {}
     micro = config.train.batch_size // config.train.grad_accum_steps
@@ -96,10 +97,14 @@ def _evaluate(config, step: int, state: TrainState, *, data: _Data, model_config
     count = config.eval.num_generation_examples
     if count > 0 and data.eval:
         prompts = [prompt_from_example(e, r) for e, r in zip(data.eval[:count], data.eval_records[:count])]
-        params = state.params if lora_overlay is None else lora_overlay(state.params, state.lora)
+        params = state.params
+        if lora_cfg is not None:  # plain weights for vLLM (and the same numbers for the JAX decode)
+            from jaxrl_vl.models.lora import merge
+            params = merge(state.params, state.lora, lora_cfg)
         accuracy, samples = generation_accuracy(
             lambda ps: generator.generate(params, ps, config.eval.max_new_tokens, version=step), prompts)
         results[f"eval/{split}_accuracy"] = accuracy
+        results["eval/generation_backend"] = generator.name
         results["eval/sample"] = f"{samples[0]['generated']!r} (reference {samples[0]['reference']!r})"
     return results
 
@@ -115,13 +120,39 @@ def _make_generator(config, model_dir, model_config, data, dtype, run_dir):
     if backend == "auto":
         from jaxrl_vl.train.vllm_eval import vllm_available
         backend = "vllm" if (config.eval.vllm_url or vllm_available()) else "jax"
-    if backend == "vllm":
-        from jaxrl_vl.train.vllm_eval import VLLMGenerator
-        return VLLMGenerator(model_dir, model_config, data.renderer.tokenizer, url=config.eval.vllm_url,
-                             log_dir=os.path.join(run_dir, "vllm_logs"))
-    return JaxGreedyGenerator(model_config, data.renderer.tokenizer, image_mean=data.renderer.image_mean,
-                              image_std=data.renderer.image_std, stop_token_ids=(data.renderer.end_id,),
-                              pad_id=data.renderer.pad_token_id, dtype=dtype)
+    jax_generator = JaxGreedyGenerator(model_config, data.renderer.tokenizer, image_mean=data.renderer.image_mean,
+                                       image_std=data.renderer.image_std, stop_token_ids=(data.renderer.end_id,),
+                                       pad_id=data.renderer.pad_token_id, dtype=dtype)
+    if backend == "jax":
+        return jax_generator
+    from jaxrl_vl.train.vllm_eval import VLLMGenerator
+    vllm_generator = VLLMGenerator(model_dir, model_config, data.renderer.tokenizer, url=config.eval.vllm_url,
+                                   log_dir=os.path.join(run_dir, "vllm_logs"))
+    if config.eval.generation_backend == "vllm":
+        return vllm_generator
+    return _FallbackGenerator(vllm_generator, jax_generator)
+
+
+class _FallbackGenerator:
+    """"auto" mode: vLLM, but if its server cannot start, say so once and use the JAX decode."""
+
+    def __init__(self, primary, fallback):
+        self.primary, self.fallback = primary, fallback
+        self.name = primary.name
+
+    def generate(self, params, prompts, max_new_tokens, version=0):
+        if self.primary is not None:
+            try:
+                return self.primary.generate(params, prompts, max_new_tokens, version=version)
+            except ServerStartError as err:
+                log.warning("eval: vLLM unavailable (%s); falling back to the JAX greedy decode", err)
+                self.primary.close()
+                self.primary, self.name = None, self.fallback.name
+        return self.fallback.generate(params, prompts, max_new_tokens, version=version)
+
+    def close(self):
+        if self.primary is not None:
+            self.primary.close()
 
 
 def _progress(config, start_step: int):
@@ -167,6 +198,9 @@ def run_sft(config) -> dict:
     store = CheckpointStore(setup.checkpoint_dir(config, run_dir), every_steps=config.checkpoint.every_steps,
                             keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     start_step = 0
+    if not config.checkpoint.resume and store.latest_step() is not None:
+        raise ConfigError(f"checkpoint.resume=false but {store.directory} already holds checkpoints (latest step "
+                          f"{store.latest_step()}); use a new --config.run_dir or delete that folder")
     if config.checkpoint.resume and store.latest_step() is not None:
         state, data_state, start_step = store.restore(state)
         iterator.set_state(data_state)
@@ -192,7 +226,7 @@ def run_sft(config) -> dict:
             writer.write(0, {"data/examples": len(data.train), "data/skipped": data.report.num_skipped,
                              "data/truncated": data.report.num_truncated, "model/params": models.num_params(params)})
         evaluate = functools.partial(_evaluate, config, data=data, model_config=model_config, eval_nll=eval_nll,
-                                     generator=generator, lora_overlay=lora_overlay)
+                                     generator=generator, lora_cfg=lora_cfg)
         step_context = dict(step_fn=step_fn, iterator=iterator, mesh=mesh, store=store, writer=writer,
                             evaluate=evaluate, model_config=model_config, backward_factor=backward_factor,
                             peak_flops=peak)
@@ -218,7 +252,13 @@ def _train_steps(config, state, start_step, *, step_fn, iterator, mesh, store, w
     last_train: dict = {}
     step = start_step
     for step in range(start_step + 1, train_cfg.num_steps + 1):
-        batch, host = split_host_stats(next(iterator))
+        try:
+            batch, host = split_host_stats(next(iterator))
+        except StopIteration:  # data.num_epochs ran out before train.num_steps
+            log.warning("data exhausted after %d epochs at step %d (train.num_steps=%d); stopping",
+                        config.data.num_epochs, step - 1, train_cfg.num_steps)
+            step -= 1
+            break
         batch = jax.device_put(batch, _stacked_shardings(batch, mesh))
         step_start = time.perf_counter()
         state, metrics = step_fn(state, batch)
@@ -269,6 +309,7 @@ def _finish(config, run_dir, model_dir, model_config, state, lora_cfg, final_ste
         "train_loss": last_train.get("train/loss"),
         f"{split}_nll": final_eval.get(f"eval/{split}_nll"),
         f"{split}_accuracy": final_eval.get(f"eval/{split}_accuracy"),
+        "generation_backend": final_eval.get("eval/generation_backend"),
         "export_dir": export_dir, "plots": plots,
         "checkpoint_dir": setup.checkpoint_dir(config, run_dir),
     }

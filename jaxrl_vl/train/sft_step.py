@@ -25,6 +25,11 @@ from jaxrl_vl.train.state import TrainState, with_trainable
 HOST_ONLY_KEYS = ("image_grid_thw", "num_examples")
 
 
+def global_norm(tree) -> jax.Array:
+    """sqrt(sum of squares) over all leaves, in fp32 (the norm clip_by_global_norm compares)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def shifted_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
     """(targets [B, L], weights [B, L]): position t predicts token t+1 with weight loss_mask[t+1];
     the last position predicts nothing."""
@@ -96,7 +101,7 @@ def make_sft_step(model_config, optimizer: optax.GradientTransformation, schedul
             "loss": loss,
             "target_tokens": total_targets,
             "tokens": jnp.sum(batches["segment_ids"] > 0).astype(jnp.float32),
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": global_norm(grads),
             "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
         }
         return new_state, metrics

@@ -19,6 +19,10 @@ from jaxrl_vl.rollout.weight_push import check_weight_versions, push_params
 log = logging.getLogger(__name__)
 
 
+class ServerStartError(RuntimeError):
+    """The eval server could not be started (or attached)."""
+
+
 def vllm_available() -> bool:
     """True when this checkout has the CPU vLLM environment (make install-vllm)."""
     return (server_lib.DEFAULT_VLLM_VENV / "bin" / server_lib.LAUNCHER_NAME).exists()
@@ -32,9 +36,12 @@ class VLLMGenerator:
         self.model_config, self.tokenizer, self.max_concurrency = model_config, tokenizer, max_concurrency
         self._handle = None
         self._error: BaseException | None = None
+        self._thread = None
         if url:
-            self._handle = server_lib.attach_server(url)
-            self._thread = None
+            try:
+                self._handle = server_lib.attach_server(url)
+            except Exception as err:  # reported on first use, like a failed start
+                self._error = err
             return
         config = server_lib.ServerConfig(model=model_dir, max_model_len=max_model_len, max_num_seqs=max_concurrency,
                                          log_dir=log_dir)
@@ -51,7 +58,7 @@ class VLLMGenerator:
         if self._thread is not None:
             self._thread.join()
         if self._error is not None:
-            raise RuntimeError(f"the vLLM eval server did not start: {self._error}") from self._error
+            raise ServerStartError(f"the vLLM eval server did not start: {self._error}") from self._error
         return self._handle
 
     def generate(self, params, prompts, max_new_tokens: int, version: int = 0) -> list[str]:
@@ -78,6 +85,7 @@ class VLLMGenerator:
     def close(self) -> None:
         if self._thread is not None:
             self._thread.join()
+            self._thread = None
         if self._handle is not None:
             server_lib.stop_server(self._handle)
             self._handle = None

@@ -13,6 +13,7 @@ Arguments after `--` go to launch/train.py unchanged (`--config.x=y` overrides).
 every gcloud command line and runs nothing (no tarball is built either).
 """
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -52,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--code", default="copy", help="'copy' (tarball of this checkout) or git:URL[@REF]")
             p.add_argument("--bundle-path", default="", help="where to write the tarball (default: temp dir)")
             p.add_argument("--pip", action="append", default=None, help="extra pip requirement (default: jax[tpu])")
-            p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="trainer environment")
+            p.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                           help="trainer environment; KEY alone copies the local value. Sent in a 0600 file "
+                                "by scp, never on a command line (safe for tokens)")
             p.add_argument("--skip-install", action="store_true")
         return p
 
@@ -69,20 +72,33 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_job(args, dry_run: bool) -> lifecycle.TrainJob:
-    env = []
+    env = {}
     for item in args.env:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--env={item!r}: expected KEY=VALUE")
-        env.append((key, value))
+        if not sep:
+            if key not in os.environ:
+                raise ValueError(f"--env={item!r}: {key} is not set here; give KEY=VALUE or export {key}")
+            value = os.environ[key]
+        env[key] = value
+    env_text = commands.env_file_text(env) if env else ""
+    env_file = str(Path(tempfile.gettempdir()) / f"jaxrl_vl_env_{args.name}") if env else ""
+    if env and not dry_run:
+        fd, env_file = tempfile.mkstemp(prefix=f"jaxrl_vl_env_{args.name}_")  # 0600, a fresh name
+        with os.fdopen(fd, "w") as f:
+            f.write(env_text)
     bundle_path = args.bundle_path or str(Path(tempfile.gettempdir()) / f"jaxrl_vl_code_{args.name}.tar.gz")
     if args.code == "copy" and not dry_run:
         path, num_files = make_bundle(bundle_path)
         print(f"[launch.tpu] code bundle {path}: {num_files} files", file=sys.stderr)
     return lifecycle.TrainJob(config_path=args.config, overrides=tuple(args.overrides), code_source=args.code,
                               bundle_path=bundle_path if args.code == "copy" else "",
-                              pip_packages=tuple(args.pip) if args.pip else ("jax[tpu]",), env=tuple(env),
+                              pip_packages=tuple(args.pip) if args.pip else ("jax[tpu]",), env_file=env_file,
                               install=not args.skip_install)
+
+
+def _remove_local_env_file(job: lifecycle.TrainJob, dry_run: bool) -> None:
+    if job.env_file and not dry_run:
+        Path(job.env_file).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None, runner: lifecycle.Runner | None = None) -> int:
@@ -105,16 +121,24 @@ def main(argv: list[str] | None = None, runner: lifecycle.Runner | None = None) 
                 lifecycle.wait_until_active(runner, target, poll_seconds=args.poll_seconds,
                                             timeout_seconds=args.timeout_minutes * 60)
         elif args.action == "run":
-            lifecycle.run_on_workers(runner, target, tpu, _train_job(args, args.dry_run))
+            job = _train_job(args, args.dry_run)
+            try:
+                lifecycle.run_on_workers(runner, target, tpu, job)
+            finally:
+                _remove_local_env_file(job, args.dry_run)
         elif args.action == "logs":
             runner.run(commands.ssh_command(target, commands.logs_script(args.lines, not args.no_follow),
                                             worker=args.worker))
         elif args.action == "delete":
             runner.run(commands.delete_command(target))
         elif args.action == "up":
-            lifecycle.up(runner, target, tpu, _train_job(args, args.dry_run), runtime_version=args.runtime_version,
-                         provisioning=args.provisioning, keep=args.keep, poll_seconds=args.poll_seconds,
-                         timeout_seconds=args.timeout_minutes * 60)
+            job = _train_job(args, args.dry_run)
+            try:
+                lifecycle.up(runner, target, tpu, job, runtime_version=args.runtime_version,
+                             provisioning=args.provisioning, keep=args.keep, poll_seconds=args.poll_seconds,
+                             timeout_seconds=args.timeout_minutes * 60)
+            finally:
+                _remove_local_env_file(job, args.dry_run)
     except (ValueError, lifecycle.GcloudError, TimeoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ FAILED_STATES = ("FAILED", "SUSPENDING", "SUSPENDED")
 REMOTE_DIR = "jaxrl_vl"                # under the worker's home directory
 REMOTE_BUNDLE = "jaxrl_vl_code.tar.gz"  # under the worker's home directory
 REMOTE_LOG = "jaxrl_vl_train.log"      # under the worker's home directory
+REMOTE_ENV_FILE = "jaxrl_vl_train.env"  # under the worker's home directory (--env values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,13 +124,22 @@ def install_script(*, code_source: str = "copy", pip_packages: tuple[str, ...] =
             f" && .venv/bin/pip install --quiet -e . {packages}")
 
 
-def train_script(config_path: str, overrides: tuple[str, ...] = (), *, env: dict[str, str] | None = None) -> str:
+def train_script(config_path: str, overrides: tuple[str, ...] = (), *, with_env_file: bool = False) -> str:
     """Bash run on every worker at once: the trainer, its output streamed back and kept in
-    ~/jaxrl_vl_train.log. The exit status is the trainer's (pipefail)."""
-    assignments = " ".join(f"{key}={shlex.quote(value)}" for key, value in sorted((env or {}).items()))
+    ~/jaxrl_vl_train.log. The exit status is the trainer's (pipefail). `with_env_file`: export the
+    variables of ~/jaxrl_vl_train.env first (secrets travel by scp, never on a command line)."""
     argv = " ".join(shlex.quote(a) for a in [".venv/bin/python", "launch/train.py", "--config", config_path, *overrides])
-    return (f"set -o pipefail; cd ~/{REMOTE_DIR} && {'env ' + assignments + ' ' if assignments else ''}{argv}"
-            f" 2>&1 | tee ~/{REMOTE_LOG}")
+    source = (f"chmod 600 ~/{REMOTE_ENV_FILE} && set -a && . ~/{REMOTE_ENV_FILE} && set +a && "
+              if with_env_file else "")
+    return f"set -o pipefail; cd ~/{REMOTE_DIR} && {source}{argv} 2>&1 | tee ~/{REMOTE_LOG}"
+
+
+def env_file_text(env: dict[str, str]) -> str:
+    """KEY='value' lines for ~/jaxrl_vl_train.env. Raises ValueError on a name bash cannot export."""
+    for key in env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"--env {key!r}: not a valid environment variable name")
+    return "".join(f"{key}={shlex.quote(value)}\n" for key, value in sorted(env.items()))
 
 
 def logs_script(num_lines: int = 100, follow: bool = True) -> str:

@@ -83,19 +83,17 @@ class TrainJob:
     code_source: str = "copy"             # "copy" (tarball of this checkout) | "git:URL[@REF]"
     bundle_path: str = ""                 # local tarball for code_source="copy"
     pip_packages: tuple[str, ...] = ("jax[tpu]",)
-    env: tuple[tuple[str, str], ...] = ()  # extra environment for the trainer
+    env_file: str = ""                    # local KEY=value file (commands.env_file_text) copied to every worker
     install: bool = True
 
 
-def train_environment(tpu: TpuSlice, target: Target, extra: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
-    """Environment for the trainer on every worker. Several hosts -> JAXRL_VL_DISTRIBUTED=1, which makes
-    `jaxrl_vl.distributed.maybe_initialize()` call `jax.distributed.initialize()` (Cloud TPU
-    auto-detects coordinator, process count and id)."""
-    env = {}
-    if tpu.num_hosts * target.node_count > 1:
-        env["JAXRL_VL_DISTRIBUTED"] = "1"
-    env.update(dict(extra))
-    return env
+def trainer_overrides(tpu: TpuSlice, target: Target, overrides: tuple[str, ...]) -> tuple[str, ...]:
+    """The user's `--config.x=y` overrides, plus `--config.distributed=on` when the job spans several
+    hosts or slices (unless the user set it): launch/train.py then calls jax.distributed.initialize()
+    on every worker, and on Cloud TPU JAX finds the coordinator, process count and ids itself."""
+    if tpu.num_hosts * target.node_count > 1 and not any(o.startswith("--config.distributed") for o in overrides):
+        return (*overrides, "--config.distributed=on")
+    return tuple(overrides)
 
 
 def run_on_workers(runner: Runner, target: Target, tpu: TpuSlice, job: TrainJob) -> None:
@@ -104,11 +102,13 @@ def run_on_workers(runner: Runner, target: Target, tpu: TpuSlice, job: TrainJob)
         if not job.bundle_path:
             raise ValueError("TrainJob.bundle_path is required with code_source='copy'")
         runner.run(commands.scp_command(target, job.bundle_path, commands.REMOTE_BUNDLE))
+    if job.env_file:
+        runner.run(commands.scp_command(target, job.env_file, commands.REMOTE_ENV_FILE))
     if job.install:
         runner.run(commands.ssh_command(target, commands.install_script(
             code_source=job.code_source, pip_packages=job.pip_packages)))
     runner.run(commands.ssh_command(target, commands.train_script(
-        job.config_path, job.overrides, env=train_environment(tpu, target, job.env))))
+        job.config_path, trainer_overrides(tpu, target, job.overrides), with_env_file=bool(job.env_file))))
 
 
 def _raise_keyboard_interrupt(signum, frame):

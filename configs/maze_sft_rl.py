@@ -1,0 +1,58 @@
+"""The main job on Maze2D: solver demonstrations -> SFT of the `small` Qwen3-VL -> RL (CPU).
+
+    python launch/train.py --config configs/maze_sft_rl.py [--config.rl.train.num_steps=...]
+
+Stages and resume: jaxrl_vl/train/pipeline.py. `config.maze` sets the env for both the
+demonstrations and RL; `config.sft` and `config.rl` are full SFT / RL configs (configs/base.py,
+configs/rl_base.py), so e.g. `--config.sft.train.num_steps=200 --config.rl.loss.name=cispo` work.
+The last printed line is the JSON summary with success_before_rl / success_after_rl on the same
+held-out seeds, eval_episodes, rl_steps, max_drift, wall_seconds and run_dir.
+"""
+import ml_collections
+
+import base
+import rl_maze
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.trainer = "sft_then_rl"
+    c.name = "maze_sft_rl"
+    c.run_dir = ""
+    c.seed = 0
+    c.distributed = "off"
+
+    c.maze = ml_collections.ConfigDict()
+    c.maze.size = 7                 # odd >= 5; 9 is VisGym's easy maze
+    c.maze.cell_px = 16
+    c.maze.action_format = "keyword"
+    c.maze.prompt_style = "compact"
+    c.maze.num_demos = 400          # solver demonstrations (one multi-turn record each)
+    c.maze.num_test_demos = 32      # demonstrations on held-out seeds (SFT eval NLL)
+    c.maze.demo_seed = 0
+
+    c.sft = sft = base.get_config()
+    sft.name = "maze_sft"
+    sft.model.path = "artifacts/models/qwen3_vl_small"
+    sft.model.build_size = "small"
+    sft.model.random_init = True
+    sft.data.loss_on = "all"        # every assistant turn of a demonstration is a target
+    sft.data.max_length = 2048
+    sft.train.num_steps = 300
+    sft.train.batch_size = 8
+    sft.optim.learning_rate = 2e-3
+    sft.optim.warmup_steps = 20
+    sft.optim.weight_decay = 0.0
+    sft.checkpoint.every_steps = 100
+    sft.eval.every_steps = 100
+    sft.eval.nll_num_examples = 32
+    sft.eval.num_generation_examples = 0  # success is measured by RL's held-out episodes instead
+
+    c.rl = rl = rl_maze.get_config()
+    rl.name = "maze_rl"
+    rl.rl.num_groups = 8
+    rl.rl.samples_per_group = 4
+    rl.rl.eval_episodes = 32
+    rl.train.num_steps = 10
+    rl.optim.learning_rate = 2e-5
+    return c

@@ -1,0 +1,16 @@
+"""vLLM general plugin: registers the `jaxrl_stream` weight-transfer backend.
+
+Installed into the vLLM environment by tools/install_vllm.sh; vLLM calls `register()` in every
+process (API server, engine core, workers) through the `vllm.general_plugins` entry point. Serve
+with `--weight-transfer-config '{"backend": "jaxrl_stream"}'` (jaxrl_vl.rollout.server does when
+ServerConfig.weight_transfer_backend is set).
+"""
+BACKEND_NAME = "jaxrl_stream"
+
+
+def register() -> None:
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    if BACKEND_NAME not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(BACKEND_NAME, "jaxrl_vl_vllm_plugin.engine",
+                                                    "StreamWeightTransferEngine")

@@ -1,0 +1,265 @@
+#!/usr/bin/env python
+"""One training step (forward, backward, AdamW update) of a `--like` Qwen-VL model: ours (JAX) against
+transformers + PyTorch on the same batch, in the same run. The last line printed is a JSON summary.
+
+    python tools/bench_train.py --like qwen3_vl_2b                      # one GPU, full fine-tune
+    python tools/bench_train.py --like qwen3_vl_8b --lora --skip-torch  # LoRA on the 8B shapes
+    python tools/bench_train.py --like qwen3_vl_2b --mesh 2 --batch-size 4 --skip-torch   # FSDP, 2 GPUs
+    python tools/bench_train.py --like tiny --seq-len 256 --image-size 64 --steps 2    # CPU smoke run
+
+Weights are random, drawn directly on the device(s) in JAX (no checkpoint is written or read); the
+PyTorch reference builds transformers' model from the same config.json dict with its own random init
+(same shapes; values don't matter for speed). bf16 compute, fp32 master weights and fp32 AdamW states
+(LoRA: frozen base weights stored in bf16, adapters fp32). The loss is chunked cross-entropy over the
+final hidden states, so no full [B, L, V] fp32 logits ever exist. The PyTorch reference
+(tools/bench_torch.py) runs first in its own process so the two frameworks never share GPU memory.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (device machines' rule)
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common  # noqa: E402  (also puts the repo root on sys.path)
+
+PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16, vendor datasheet
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--like", default="qwen3_vl_2b", choices=bench_common.like_choices())
+    p.add_argument("--batch-size", type=int, default=2, help="rows per step (global, over all GPUs)")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--images-per-row", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=448, help="square images, pixels per side")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (rank --lora-rank) only")
+    p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--remat", default="none", choices=("none", "dots", "full"),
+                   help="per-layer rematerialisation: none, dots (save matmul outputs), full (save nothing)")
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "cudnn_causal"),
+                   help="text attention (models.text.ATTENTION_IMPLS); cudnn_causal needs unpacked rows, "
+                        "which this benchmark's rows are")
+    p.add_argument("--loss-chunk", type=int, default=1024, help="sequence positions per cross-entropy chunk")
+    p.add_argument("--no-cast-params", action="store_true",
+                   help="keep fp32 weights until each matmul (default: cast the trained tree to bf16 once "
+                        "per step, so FSDP gathers bf16 and the scan reads bf16)")
+    p.add_argument("--mesh", type=int, default=1, help="FSDP over this many GPUs (batch split too)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--skip-torch", action="store_true", help="skip the transformers + PyTorch reference")
+    p.add_argument("--torch-attention", default="auto", help="auto = flash_attention_2 if installed, else sdpa")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-out", default="", help="also write the summary JSON to this file")
+    return p.parse_args(argv)
+
+
+def run_torch_reference(args) -> dict:
+    """tools/bench_torch.py in a child process (its GPU memory is freed before JAX starts)."""
+    cmd = [sys.executable, str(Path(__file__).with_name("bench_torch.py")), "--like", args.like,
+           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+           "--images-per-row", str(args.images_per_row), "--image-size", str(args.image_size),
+           "--steps", str(args.steps), "--seed", str(args.seed), "--attention", args.torch_attention]
+    if args.lora:
+        cmd += ["--lora", "--lora-rank", str(args.lora_rank)]
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stderr.write(proc.stderr[-4000:])
+    lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": f"bench_torch exited {proc.returncode}: {proc.stderr.strip()[-1500:]}",
+                "wall_s": time.time() - started}
+    return json.loads(lines[-1])
+
+
+def init_params(config, seed: int, dtype, shardings_of=None):
+    """Random params (HF-named, stacked lists) drawn on the device in one jitted program:
+    weights N(0, 0.02), norm weights 1, biases 0. shardings_of(abstract tree) -> out shardings."""
+    import jax
+    import jax.numpy as jnp
+    from jaxrl_vl.models import checkpoint
+
+    stacked: dict[tuple, list] = {}
+    for name, shape in checkpoint.expected_shapes(config).items():
+        parts, index = checkpoint._split_stacked(name)
+        entry = stacked.setdefault(tuple(parts), [shape, 0])
+        entry[1] += index is not None
+    abstract: dict = {}
+    for parts, (shape, count) in sorted(stacked.items()):
+        full_shape = ((count,) if count else ()) + tuple(shape)
+        checkpoint._set(abstract, list(parts), jax.ShapeDtypeStruct(full_shape, dtype))
+    names = [".".join(str(getattr(k, "key", k)) for k in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
+    treedef = jax.tree_util.tree_structure(abstract)
+
+    def draw(key):
+        leaves = []
+        for name, leaf, k in zip(names, jax.tree_util.tree_leaves(abstract), jax.random.split(key, len(names))):
+            is_norm = any(part in name for part in ("norm", "ln_q")) and name.endswith(".weight")
+            if is_norm:
+                leaves.append(jnp.ones(leaf.shape, dtype))
+            elif name.endswith(".bias"):
+                leaves.append(jnp.zeros(leaf.shape, dtype))
+            else:
+                leaves.append((0.02 * jax.random.normal(k, leaf.shape, jnp.float32)).astype(dtype))
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    out_shardings = None if shardings_of is None else shardings_of(abstract)
+    return jax.jit(draw, out_shardings=out_shardings)(jax.random.PRNGKey(seed))
+
+
+def make_step(config, optimizer, args, lora_cfg):
+    """jitted step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss); the trained
+    tree and the optimizer state are donated (updated in place)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jaxrl_vl import models
+    from jaxrl_vl.losses.sft import chunked_token_logprobs
+    from jaxrl_vl.models.lora import overlay
+    from jaxrl_vl.train.sft_step import shifted_targets
+
+    def to_compute(tree):
+        return jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.ndim >= 2 and a.dtype == jnp.float32 else a,
+                            tree)
+
+    def loss_fn(trainable, frozen, batch):
+        if not args.no_cast_params:
+            trainable = to_compute(trainable)
+        params = trainable if lora_cfg is None else overlay(frozen, trainable, lora_cfg)
+        hidden = models.apply(params, batch, config, dtype=jnp.bfloat16, remat=args.remat, return_hidden=True,
+                              attention=args.attention)
+        targets, weights = shifted_targets(batch)
+        logprobs = chunked_token_logprobs(hidden, lambda h: models.unembed(params, h, config), targets,
+                                          chunk_size=args.loss_chunk)
+        return jnp.sum(-logprobs * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+    def step(trainable, opt_state, frozen, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def run_jax(args, config, rows) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jaxrl_vl import models, sharding
+    from jaxrl_vl.models.lora import LoraConfig, init_lora
+
+    devices = jax.devices()[:args.mesh]
+    if len(devices) < args.mesh:
+        raise SystemExit(f"--mesh {args.mesh} needs {args.mesh} devices, found {len(jax.devices())}")
+    mesh = sharding.make_mesh(fsdp=args.mesh, devices=devices)
+    shardings_of = lambda tree: sharding.param_shardings(tree, mesh)  # noqa: E731
+
+    started = time.perf_counter()
+    param_dtype = jnp.bfloat16 if args.lora else jnp.float32  # LoRA: frozen base in bf16
+    params = init_params(config, args.seed, param_dtype, shardings_of)
+    lora_cfg, frozen, trainable = None, None, params
+    if args.lora:
+        lora_cfg = LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank), targets=("attention", "mlp"))
+        lora = init_lora(params, lora_cfg, jax.random.PRNGKey(args.seed + 1))
+        trainable, frozen = jax.device_put(lora, shardings_of(lora)), params
+    optimizer = optax.adamw(1e-5, weight_decay=0.0)
+    opt_state = jax.jit(optimizer.init)(trainable)
+    batch = models.make_batch(rows, config, pad_to_length=args.seq_len)
+    batch = {k: v for k, v in batch.items() if k != "image_grid_thw"}  # host-side only
+    batch = sharding.shard_batch(batch, mesh)
+    jax.block_until_ready((trainable, opt_state, batch))
+    init_s = time.perf_counter() - started
+
+    # If the requested cuDNN attention does not lower on this machine, fall back (and say so) rather
+    # than lose the run: cudnn_causal -> cudnn (mask as bias) -> xla.
+    fallbacks = {"cudnn_causal": "cudnn", "cudnn": "xla", "auto": "xla"}
+    attention, errors = args.attention, []
+    while True:
+        step = make_step(config, optimizer, argparse.Namespace(**{**vars(args), "attention": attention}),
+                         lora_cfg)
+        started = time.perf_counter()
+        try:
+            compiled = step.lower(trainable, opt_state, frozen, batch).compile()
+            break
+        except Exception as error:  # noqa: BLE001 - reported in the summary, then the next implementation
+            errors.append(f"attention={attention}: {type(error).__name__}: {str(error)[:600]}")
+            print("compile failed:", errors[-1], file=sys.stderr, flush=True)
+            if attention not in fallbacks:
+                raise
+            attention = fallbacks[attention]
+    compile_s = time.perf_counter() - started
+    step_times, losses = [], []
+    for i in range(args.steps + 2):
+        started = time.perf_counter()
+        trainable, opt_state, loss = compiled(trainable, opt_state, frozen, batch)
+        losses.append(float(loss))  # synchronises
+        if i >= 2:
+            step_times.append(time.perf_counter() - started)
+    peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices)
+    return {"step_s": float(np.median(step_times)), "step_s_all": step_times, "compile_s": compile_s,
+            "init_s": init_s, "attention_used": attention, "compile_errors": errors, "peak_memory_gib": peak / 2**30, "loss_first_last": [losses[0], losses[-1]],
+            "num_params": models.num_params(params),
+            "num_trainable": models.num_params(trainable), "devices": [d.device_kind for d in devices]}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from jaxrl_vl.models.config import ModelConfig
+
+    hf_dict = bench_common.hf_config_dict(args.like)
+    config = ModelConfig.from_hf_dict(hf_dict)
+    rows = bench_common.build_rows(config, args.like, args.batch_size, args.seq_len, args.images_per_row,
+                                   args.image_size, args.seed)
+    flops = bench_common.step_flops(config, batch_size=args.batch_size, seq_len=args.seq_len,
+                                    images_per_row=args.images_per_row, image_size=args.image_size,
+                                    lora=args.lora)
+    torch_result = None
+    if not args.skip_torch:
+        torch_result = run_torch_reference(args)
+        print("torch:", json.dumps(torch_result), flush=True)
+    jax_result = run_jax(args, config, rows)
+    import jax
+
+    tokens = args.batch_size * args.seq_len
+    on_gpu = jax.default_backend() == "gpu"
+    peak = PEAK_BF16_FLOPS if on_gpu else 1e11
+
+    def rates(result: dict, devices: int) -> dict:
+        if "step_s" not in result:
+            return result
+        seconds = result["step_s"]
+        return {**result, "tokens_per_s": tokens / seconds, "mfu": flops["total"] / seconds / (peak * devices)}
+
+    summary = {
+        "benchmark": "train_step", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python tools/bench_train.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "card": jax.devices()[0].device_kind, "backend": jax.default_backend(), "gpus": args.mesh,
+        "like": args.like, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "images_per_row": args.images_per_row, "image_size": args.image_size, "lora": args.lora,
+        "remat": args.remat, "attention": args.attention, "cast_params_bf16": not args.no_cast_params,
+        "tokens_per_step": tokens, "step_flops": flops, "flops_formula": bench_common.FLOPS_FORMULA,
+        "peak_flops_per_gpu": peak, "jax": rates(jax_result, args.mesh),
+    }
+    if torch_result is not None:
+        summary["torch"] = rates(torch_result, 1)
+        if "tokens_per_s" in summary["torch"]:
+            summary["speedup_vs_torch"] = summary["jax"]["tokens_per_s"] / summary["torch"]["tokens_per_s"]
+    line = json.dumps(summary)
+    if args.json_out:
+        Path(args.json_out).write_text(line + "\n")
+    print(line)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
