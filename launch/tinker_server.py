@@ -40,24 +40,23 @@ def main(argv=None) -> int:
     import uvicorn
 
     from jaxrl_vl.models.checkpoint import _resolve_dir
-    from jaxrl_vl.rollout.server import stop_server
     from jaxrl_vl.tinker.app import create_app
-    from jaxrl_vl.tinker.runner import build_service, start_vllm_for
+    from jaxrl_vl.tinker.runner import OwnedVLLM, build_service, start_vllm_for
 
     vllm = None
-    vllm_url = args.vllm_url
-    if not args.no_vllm and vllm_url is None:
-        vllm = start_vllm_for(_resolve_dir(args.base_model), max_model_len=args.max_model_len,
-                              max_lora_rank=args.max_lora_rank, device=args.vllm_device)
-        vllm_url = vllm.url
-        logging.info("vLLM sampler at %s (log %s)", vllm.url, vllm.log_path)
+    if not args.no_vllm and args.vllm_url is None:
+        # ours: restarted automatically if its engine dies (e.g. an OOM-killed worker)
+        vllm = OwnedVLLM(start_vllm_for(_resolve_dir(args.base_model), max_model_len=args.max_model_len,
+                                        max_lora_rank=args.max_lora_rank, device=args.vllm_device))
+        logging.info("vLLM sampler at %s (log %s)", vllm.handle.url, vllm.handle.log_path)
     try:
-        service = build_service(args.base_model, args.storage_root, vllm_url=None if args.no_vllm else vllm_url,
+        service = build_service(args.base_model, args.storage_root,
+                                vllm_url=None if args.no_vllm else args.vllm_url, owned_vllm=vllm,
                                 poll_seconds=args.poll_seconds, max_context_length=args.max_model_len)
         uvicorn.run(create_app(service, api_key=args.api_key), host="127.0.0.1", port=args.port, log_level="info")
     finally:
         if vllm is not None:
-            stop_server(vllm)
+            vllm.stop()
     return 0
 
 

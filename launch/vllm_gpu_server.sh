@@ -88,7 +88,7 @@ import sys
 from importlib.metadata import entry_points
 sys.exit(not any(e.name == "jaxrl_vl_weight_stream" for e in entry_points(group="vllm.general_plugins")))'; then
     echo "error: the jaxrl_stream weight-transfer plugin is not installed in $vllm_python's environment:" >&2
-    echo "  $vllm_python -m pip install $repo/plugins/vllm_weight_stream   (or --weight-backend none)" >&2
+    echo "  VLLM_TARGET=$device bash tools/install_vllm.sh (installs it), or $vllm_python -m pip install $repo/plugins/vllm_weight_stream" >&2
     exit 2
   fi
   args+=(--weight-transfer-config "{\"backend\": \"$backend\"}")

@@ -55,7 +55,7 @@ def test_v5p_16_two_hosts_run_on_all_workers():
     assert lines == ["gcloud compute tpus queued-resources create big --node-id=big --accelerator-type=v5p-16 "
                      "--runtime-version=v2-alpha-tpuv5 --zone=us-east5-a --project=proj --reserved"]
     lines = dry_run(["run", "big", "--tpu=v5p-16", "--zone=us-east5-a", "--project=proj", "--config=configs/rl_maze.py",
-                     "--code=git:https://github.com/org/jaxrl_vl.git@v1", "--env=WANDB_MODE=offline", "--dry-run"])
+                     "--code=git:https://github.com/org/jaxrl_vl.git#v1", "--env=WANDB_MODE=offline", "--dry-run"])
     assert len(lines) == 3  # no code scp when cloning; the env file goes by scp, not on the command line
     assert lines[0].startswith("gcloud compute tpus tpu-vm scp /") and lines[0].endswith(
         "/jaxrl_vl_env_big big:jaxrl_vl_train.env --worker=all --zone=us-east5-a --project=proj")
@@ -89,6 +89,15 @@ def test_env_values_travel_in_a_private_file_not_argv(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []  # the local copy is removed after the run
     assert cli.main(["run", "t", "--tpu=v5e-8", "--zone=z", "--project=p", "--config=c.py",
                      "--env=NOT_SET_ANYWHERE_123", "--dry-run"], runner=FakeRunner()) == 1
+
+
+def test_git_code_source_with_an_ssh_url_and_a_ref():
+    script = commands.install_script(code_source="git:git@github.com:org/jaxrl_vl.git#feature/x")
+    assert "git clone git@github.com:org/jaxrl_vl.git ~/jaxrl_vl" in script
+    assert "checkout --quiet feature/x" in script
+    assert "checkout" not in commands.install_script(code_source="git:git@github.com:org/jaxrl_vl.git")
+    with pytest.raises(ValueError, match="--code='svn:x'"):
+        commands.install_script(code_source="svn:x")
 
 
 def test_multislice_node_count_2():
@@ -158,6 +167,33 @@ def test_failed_queued_resource_is_deleted_and_reported(capsys):
     assert cli.main(_up_argv(), runner=runner) == 1
     assert [kind for kind, _ in runner.calls] == ["create", "describe", "describe", "delete"]
     assert "is FAILED" in capsys.readouterr().err
+
+
+def test_a_rejected_create_deletes_nothing():
+    """gcloud refusing the create (e.g. the name is taken) must not delete the existing resource."""
+    class Rejecting(FakeRunner):
+        def run(self, argv, *, capture=False, detach=False):
+            super().run(argv, capture=capture, detach=detach)
+            if "create" in argv:
+                raise lifecycle.GcloudError("exit 1: ALREADY_EXISTS")
+            return ""
+
+    runner = Rejecting()
+    assert cli.main(_up_argv(), runner=runner) == 1
+    assert [kind for kind, _ in runner.calls] == ["create"]
+
+
+def test_ctrl_c_during_create_still_deletes():
+    class InterruptedCreate(FakeRunner):
+        def run(self, argv, *, capture=False, detach=False):
+            super().run(argv, capture=capture, detach=detach)
+            if "create" in argv:
+                raise KeyboardInterrupt
+            return ""
+
+    runner = InterruptedCreate()
+    assert cli.main(_up_argv(), runner=runner) == 130
+    assert [kind for kind, _ in runner.calls] == ["create", "delete"]
 
 
 def test_keep_skips_delete():

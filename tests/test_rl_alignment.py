@@ -224,3 +224,27 @@ def test_tail_of_a_tool_turn_is_the_tool_response_and_generation_prompt(vllm_ser
     assert full[:start] == closed[:start] and full[start - 1] == tokens.im_end
     # ... and the tail is the tool response turn plus the generation prompt
     assert full[start:].count(tokens.im_start) == 2 and full[:len(first)] == first
+
+
+class _BrokenStepEnv:
+    """Maze2D whose step raises: the episode must end ("env_error"), the rollout batch must not."""
+
+    def __init__(self):
+        from jaxrl_vl.envs.maze2d import Maze2DEnv
+        self.maze = Maze2DEnv(size=9, cell_px=8, prompt_style="compact", max_steps=3)
+        self.max_turns, self.keep_last_images = 3, None
+
+    def reset(self, seed):
+        return self.maze.reset(seed)
+
+    def step(self, text):
+        raise RuntimeError("grader crashed")
+
+
+@pytest.mark.vllm
+def test_env_errors_end_the_episode_not_the_run(vllm_server, tiny_model_dir):
+    config = AgentConfig(samples_per_group=2, max_tokens_per_turn=4)
+    groups, _, _ = asyncio.run(_rollouts(vllm_server, tiny_model_dir, _BrokenStepEnv(), config, [0]))
+    for trajectory in groups[0]:
+        assert trajectory.end_reason == "env_error" and trajectory.num_turns == 1
+        assert "grader crashed" in trajectory.info["env_error"] and trajectory.turn_rewards == [0.0]

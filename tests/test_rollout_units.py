@@ -57,13 +57,13 @@ def test_pool_broadcast_reaches_all_and_names_failures():
 
 def test_server_command_cpu_and_gpu_flags(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    cpu = ServerConfig(model=str(tmp_path), launcher="/bin/vllm", cpu_kv_cache_gib=0.5)
+    cpu = ServerConfig(model=str(tmp_path), launcher="/bin/vllm", cpu_kv_cache_gib=2)
     argv, env = server_command(cpu, 1234)
     assert argv[:3] == ["/bin/vllm", "serve", str(tmp_path)]
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "1234"
     assert "--enable-scale-out" in argv and argv[argv.index("--dtype") + 1] == "float32"
     assert json.loads(argv[argv.index("--limit-mm-per-prompt") + 1]) == {"image": 4, "video": 0}
-    assert env["VLLM_CPU_KVCACHE_SPACE"] == "0.5" and env["VLLM_SERVER_DEV_MODE"] == "1" and env["HF_HUB_OFFLINE"] == "1"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_SERVER_DEV_MODE"] == "1" and env["HF_HUB_OFFLINE"] == "1"
     gpu = ServerConfig(model=str(tmp_path), launcher="vllm", device="gpu", cuda_visible_devices="1", enforce_eager=False,
                        enable_lora=True, weight_transfer_backend="jaxrl_stream")
     argv, env = server_command(gpu, 1)
@@ -71,6 +71,8 @@ def test_server_command_cpu_and_gpu_flags(tmp_path):
     assert "--gpu-memory-utilization" in argv and "--enforce-eager" not in argv and "--enable-lora" in argv
     assert "VLLM_CPU_KVCACHE_SPACE" not in env and env["CUDA_VISIBLE_DEVICES"] == "1"
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    with pytest.raises(ValueError, match="cpu_kv_cache_gib=0.5"):
+        server_command(ServerConfig(model=str(tmp_path), launcher="vllm", cpu_kv_cache_gib=0.5), 1)
     with pytest.raises(ValueError, match="device='tpu'"):
         server_command(ServerConfig(model=str(tmp_path), launcher="vllm", device="tpu"), 1)
     with pytest.raises(FileNotFoundError, match="no config.json"):

@@ -61,3 +61,15 @@ def test_plot_tool_fails_clearly_without_metrics(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plot_metrics.py"), str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "no metrics" in result.stderr
+
+
+def test_text_curve_lists_train_loss_and_evals(tmp_path):
+    from jaxrl_vl.train.plots import text_curve
+    run_dir = str(tmp_path)
+    with MetricsWriter(run_dir, use_wandb=False) as writer:
+        for step in range(1, 31):
+            writer.write(step, {"train/loss": 1.0 / step})
+        writer.write(30, {"eval/test_accuracy": 0.95, "eval/sample": "text"})
+    lines = text_curve(run_dir, max_rows=5).splitlines()
+    assert lines[0].startswith("train loss: 1:1.0000") and lines[0].endswith("30:0.0333")
+    assert lines[1] == "eval @ step 30: test_accuracy=0.9500"

@@ -102,29 +102,29 @@ def test_text_flops_match_the_weight_shapes(setup):
 
 
 def test_greedy_decode_matches_teacher_forced_argmax(setup):
-    """Every generated token is the argmax of a full forward over prompt + the tokens before it."""
+    """One full forward over prompt + generated tokens: each generated token is the argmax at the
+    position before it (what greedy decoding means), and decoding stopped at <|im_end|> or the cap."""
+    from jaxrl_vl.data.render import normalize_pixels
     config, params, renderer, records, examples = setup
     prompts = [prompt_from_example(e, r) for e, r in zip(examples, records)]
     assert prompts[0].messages and prompts[0].messages[-1]["role"] == "user"
     generator = JaxGreedyGenerator(config, renderer.tokenizer, image_mean=renderer.image_mean,
                                    image_std=renderer.image_std, stop_token_ids=(renderer.end_id,),
                                    pad_id=renderer.pad_token_id, batch_size=3)  # 2 chunks, uneven
-    texts = generator.generate(params, prompts, max_new_tokens=6)
-    assert len(texts) == 4
-    for prompt, text in zip(prompts[:2], texts[:2]):
-        ids = list(prompt.input_ids)
-        from jaxrl_vl.data.render import normalize_pixels
-        generated = []
-        for _ in range(6):
-            row = {"input_ids": np.asarray(ids, np.int32), "image_grid_thw": prompt.image_grid_thw,
-                   "pixel_values": normalize_pixels(prompt.pixel_values, renderer.image_mean, renderer.image_std)}
-            batch = {k: v for k, v in models.make_batch([row], config).items() if k != "image_grid_thw"}
-            token = int(jnp.argmax(models.apply(params, batch, config)[0, -1]))
-            generated.append(token)
-            ids.append(token)
-            if token == renderer.end_id:
-                break
-        assert text == renderer.tokenizer.decode(generated, skip_special_tokens=True)
+    max_new = 6
+    generated_ids = generator.generate_ids(params, prompts, max_new_tokens=max_new)
+    texts = generator.generate(params, prompts, max_new_tokens=max_new)
+    assert texts == [renderer.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated_ids]
+    rows = [{"input_ids": np.concatenate([p.input_ids, ids]).astype(np.int32), "image_grid_thw": p.image_grid_thw,
+             "pixel_values": normalize_pixels(p.pixel_values, renderer.image_mean, renderer.image_std)}
+            for p, ids in zip(prompts[:3], generated_ids)]
+    batch = {k: v for k, v in models.make_batch(rows, config).items() if k != "image_grid_thw"}
+    logits = models.apply(params, batch, config)
+    for b, (prompt, ids) in enumerate(zip(prompts[:3], generated_ids)):
+        start = len(prompt.input_ids)
+        assert len(ids) == max_new or ids[-1] == renderer.end_id
+        predicted = np.asarray(jnp.argmax(logits[b, start - 1:start - 1 + len(ids)], axis=-1))
+        np.testing.assert_array_equal(predicted, np.asarray(ids))
 
 
 def test_answer_scoring():

@@ -21,7 +21,7 @@ def lora_server(tiny_model_dir, tmp_path_factory):
     from jaxrl_vl.rollout.server import ServerConfig, start_server, stop_server
 
     handle = start_server(ServerConfig(model=tiny_model_dir, served_model_name="tiny", enable_lora=True,
-                                       max_lora_rank=8, max_loras=1, cpu_kv_cache_gib=0.25,
+                                       max_lora_rank=8, max_loras=1, cpu_kv_cache_gib=1,
                                        log_dir=str(tmp_path_factory.mktemp("vllm_lora_logs"))))
     try:
         yield handle

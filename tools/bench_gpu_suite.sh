@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark runs behind the README's performance section, in one go (one machine start).
 # Needs 2 GPUs for the FSDP run; the single-GPU runs use GPU 0 only. Usage:
-#   OUT=/some/dir bash tools/bench_gpu_suite.sh
+#   OUT=/some/dir [RUNS='2b_1gpu 2b_fsdp2 ...'] [T=seconds per run] bash tools/bench_gpu_suite.sh
 # Each run has its own time limit so one failure or hang does not lose the others; every run writes
 # OUT/<name>.json (its last JSON line) and OUT/<name>.log.
 set -u
@@ -22,20 +22,30 @@ run() {  # name, seconds, args...
 }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-# 1. 2B full fine-tune on one H100 vs transformers + PyTorch (same batch: 2 x 4096 tokens, 4 x 448px images/row)
-CUDA_VISIBLE_DEVICES=0 run qwen3_vl_2b_1gpu ${T1:-230} --like qwen3_vl_2b --batch-size 2 --remat dots \
-  --attention cudnn_causal
-# 2. the same model, FSDP over two GPUs, 2 rows per GPU
-XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true" run qwen3_vl_2b_fsdp2 ${T2:-150} --like qwen3_vl_2b \
-  --batch-size 4 --remat dots --attention cudnn_causal --mesh 2 --skip-torch
-# 3. 8B LoRA on one H100
-CUDA_VISIBLE_DEVICES=0 run qwen3_vl_8b_lora ${T3:-150} --like qwen3_vl_8b --lora --batch-size 1 --remat dots \
-  --attention cudnn_causal --skip-torch
+TWO_B="--like qwen3_vl_2b --attention cudnn_causal"  # 4096-token rows, four 448x448 images per row
+LHS="--xla_gpu_enable_latency_hiding_scheduler=true"
+for name in ${RUNS:-2b_1gpu 2b_fsdp2 8b_lora}; do
+  case $name in
+    # 2B full fine-tune on one H100 vs transformers + PyTorch on the same batch (2 rows)
+    2b_1gpu) CUDA_VISIBLE_DEVICES=0 run $name ${T:-230} $TWO_B --batch-size 2 --remat dots ;;
+    # the same without the PyTorch reference, plus the vision tower timed alone
+    2b_1gpu_breakdown) CUDA_VISIBLE_DEVICES=0 run $name ${T:-90} $TWO_B --batch-size 2 --remat dots \
+      --skip-torch --breakdown ;;
+    2b_1gpu_remat_none) CUDA_VISIBLE_DEVICES=0 run $name ${T:-90} $TWO_B --batch-size 2 --remat none --skip-torch ;;
+    2b_1gpu_b4) CUDA_VISIBLE_DEVICES=0 run $name ${T:-90} $TWO_B --batch-size 4 --remat dots --skip-torch ;;
+    # FSDP over two GPUs, 2 rows per GPU (compare with 2b_1gpu*)
+    2b_fsdp2) XLA_FLAGS=$LHS run $name ${T:-120} $TWO_B --batch-size 4 --remat dots --mesh 2 --skip-torch ;;
+    # 8B LoRA (rank 32 on attention + MLP of the text decoder), frozen base in bf16
+    8b_lora) CUDA_VISIBLE_DEVICES=0 run $name ${T:-150} --like qwen3_vl_8b --lora --batch-size 1 --remat dots \
+      --attention cudnn_causal --skip-torch ;;
+    *) echo "unknown run $name" ;;
+  esac
+done
 python3 - "$OUT" <<'EOF'
 import json, pathlib, sys
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     d = json.loads(f.read_text()); j = d["jax"]; t = d.get("torch", {})
-    print(f"{f.stem}: jax {j.get('tokens_per_s', 0):.0f} tok/s mfu {j.get('mfu', 0):.3f} "
-          f"peak {j.get('peak_memory_gib', 0):.1f}GiB compile {j.get('compile_s', 0):.0f}s attn {j.get('attention_used')} | "
+    print(f"{f.stem}: gpus {d['gpus']} B {d['batch_size']} remat {d['remat']} jax {j.get('tokens_per_s', 0):.0f} tok/s mfu {j.get('mfu', 0):.3f} "
+          f"peak {j.get('peak_memory_gib', 0):.1f}GiB compile {j.get('compile_s', 0):.0f}s vision {j.get('vision_fwd_bwd_s', 0):.3f}s attn {j.get('attention_used')} | "
           f"torch {t.get('tokens_per_s', 0):.0f} tok/s mfu {t.get('mfu', 0):.3f} | x{d.get('speedup_vs_torch', 0):.2f}")
 EOF

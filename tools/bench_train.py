@@ -45,9 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=448, help="square images, pixels per side")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (rank --lora-rank) only")
     p.add_argument("--lora-rank", type=int, default=32)
-    p.add_argument("--remat", default="none", choices=("none", "dots", "full"),
+    p.add_argument("--remat", default="dots", choices=("none", "dots", "full"),
                    help="per-layer rematerialisation: none, dots (save matmul outputs), full (save nothing)")
-    p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn", "cudnn_causal"),
+    p.add_argument("--attention", default="cudnn_causal", choices=("auto", "xla", "cudnn", "cudnn_causal"),
                    help="text attention (models.text.ATTENTION_IMPLS); cudnn_causal needs unpacked rows, "
                         "which this benchmark's rows are")
     p.add_argument("--loss-chunk", type=int, default=1024, help="sequence positions per cross-entropy chunk")
@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "per step, so FSDP gathers bf16 and the scan reads bf16)")
     p.add_argument("--mesh", type=int, default=1, help="FSDP over this many GPUs (batch split too)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the vision tower alone (forward + backward to its weights)")
     p.add_argument("--skip-torch", action="store_true", help="skip the transformers + PyTorch reference")
     p.add_argument("--torch-attention", default="auto", help="auto = flash_attention_2 if installed, else sdpa")
     p.add_argument("--seed", type=int, default=0)
@@ -117,9 +119,10 @@ def init_params(config, seed: int, dtype, shardings_of=None):
     return jax.jit(draw, out_shardings=out_shardings)(jax.random.PRNGKey(seed))
 
 
-def make_step(config, optimizer, args, lora_cfg):
+def make_step(config, optimizer, args, lora_cfg, out_shardings=None):
     """jitted step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss); the trained
-    tree and the optimizer state are donated (updated in place)."""
+    tree and the optimizer state are donated (updated in place). out_shardings pins the outputs to the
+    inputs' placement, so step i's outputs are valid inputs of step i+1 of the compiled program."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -148,7 +151,35 @@ def make_step(config, optimizer, args, lora_cfg):
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
+
+
+def time_vision_tower(visual_params, config, batch, remat: str, repeats: int = 3) -> dict:
+    """Seconds of the vision tower's forward + backward (grads of its weights) on the batch's patches."""
+    import jax
+    import jax.numpy as jnp
+    from jaxrl_vl.models.vision import apply_vision
+
+    vinputs = {k: v for k, v in batch.items() if k.startswith("vision_")}
+
+    def total(visual):
+        visual = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.ndim >= 2 else a, visual)
+        embeds, deepstack = apply_vision(visual, config.vision, batch["pixel_values"], vinputs, jnp.bfloat16,
+                                         remat=remat)
+        out = jnp.sum(embeds.astype(jnp.float32))
+        return out if deepstack is None else out + jnp.sum(deepstack.astype(jnp.float32))
+
+    grad = jax.jit(jax.grad(total))
+    started = time.perf_counter()
+    compiled = grad.lower(visual_params).compile()
+    compile_s = time.perf_counter() - started
+    times = []
+    for i in range(repeats + 1):
+        started = time.perf_counter()
+        jax.block_until_ready(compiled(visual_params))
+        if i:
+            times.append(time.perf_counter() - started)
+    return {"vision_fwd_bwd_s": float(np.median(times)), "vision_compile_s": compile_s}
 
 
 def run_jax(args, config, rows) -> dict:
@@ -174,19 +205,26 @@ def run_jax(args, config, rows) -> dict:
         trainable, frozen = jax.device_put(lora, shardings_of(lora)), params
     optimizer = optax.adamw(1e-5, weight_decay=0.0)
     opt_state = jax.jit(optimizer.init)(trainable)
+    # scalars the init creates from nothing (Adam's count) land on one device: replicate them on the mesh
+    opt_state = jax.tree.map(lambda a: a if len(a.sharding.device_set) == len(devices)
+                             else jax.device_put(a, sharding.replicated(mesh)), opt_state)
     batch = models.make_batch(rows, config, pad_to_length=args.seq_len)
     batch = {k: v for k, v in batch.items() if k != "image_grid_thw"}  # host-side only
     batch = sharding.shard_batch(batch, mesh)
     jax.block_until_ready((trainable, opt_state, batch))
     init_s = time.perf_counter() - started
 
+    placement = lambda tree: jax.tree.map(lambda a: a.sharding, tree)  # noqa: E731
+    out_shardings = (placement(trainable), placement(opt_state), sharding.replicated(mesh))
     # If the requested cuDNN attention does not lower on this machine, fall back (and say so) rather
     # than lose the run: cudnn_causal -> cudnn (mask as bias) -> xla.
     fallbacks = {"cudnn_causal": "cudnn", "cudnn": "xla", "auto": "xla"}
     attention, errors = args.attention, []
+    if jax.default_backend() != "gpu" and attention.startswith("cudnn"):
+        attention = "xla"  # cuDNN exists on GPUs only
     while True:
         step = make_step(config, optimizer, argparse.Namespace(**{**vars(args), "attention": attention}),
-                         lora_cfg)
+                         lora_cfg, out_shardings)
         started = time.perf_counter()
         try:
             compiled = step.lower(trainable, opt_state, frozen, batch).compile()
@@ -206,7 +244,10 @@ def run_jax(args, config, rows) -> dict:
         if i >= 2:
             step_times.append(time.perf_counter() - started)
     peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices)
-    return {"step_s": float(np.median(step_times)), "step_s_all": step_times, "compile_s": compile_s,
+    extra = {}
+    if args.breakdown and not args.lora:
+        extra = time_vision_tower(trainable["model"]["visual"], config, batch, args.remat)
+    return {**extra, "step_s": float(np.median(step_times)), "step_s_all": step_times, "compile_s": compile_s,
             "init_s": init_s, "attention_used": attention, "compile_errors": errors, "peak_memory_gib": peak / 2**30, "loss_first_last": [losses[0], losses[-1]],
             "num_params": models.num_params(params),
             "num_trainable": models.num_params(trainable), "devices": [d.device_kind for d in devices]}

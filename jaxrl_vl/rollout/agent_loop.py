@@ -22,18 +22,20 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import logging
 import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jaxrl_vl.envs.base import (ChatEnv, assistant_message, count_images, reset_async, step_async,
+from jaxrl_vl.envs.base import (ChatEnv, StepResult, assistant_message, count_images, reset_async, step_async,
                                 visible_messages)
 from jaxrl_vl.rollout.client import VLLMClient, sampled_logprobs, weight_versions
 from jaxrl_vl.rollout.messages import to_openai_messages
 from jaxrl_vl.rollout.mm_decode import decode_kwargs_item
 from jaxrl_vl.rollout.trajectory import Segment, Trajectory
 
+log = logging.getLogger(__name__)
 # Feature fields vLLM's render returns per modality (lists parallel to mm_hashes).
 _ITEM_FIELDS = ("mm_hashes", "kwargs_data", "mm_metadata")
 
@@ -235,7 +237,12 @@ async def run_episode(client: VLLMClient, env: ChatEnv, env_seed: int, config: A
             state.segment.extend_prompt([tokens.im_end])  # cut by max_tokens: close the turn unsampled
         reply = decode(sampled)
         started = time.perf_counter()
-        result = await step_async(env, reply)
+        try:
+            result = await step_async(env, reply)
+        except Exception as error:  # noqa: BLE001 - a broken env step ends this episode, not the run
+            log.warning("env %s step failed (seed %d, turn %d): %r", type(env).__name__, env_seed, turn, error)
+            result = StepResult(messages=[], reward=0.0, done=True, info={"env_error": repr(error)})
+            end_reason = "env_error"
         timing["env"] += time.perf_counter() - started
         history = [*history, assistant_message(reply), *result.messages]
         turn_rewards.append(float(result.reward))
@@ -244,7 +251,7 @@ async def run_episode(client: VLLMClient, env: ChatEnv, env_seed: int, config: A
         replies.append(reply)
         info = dict(result.info)
         if result.done:
-            end_reason = "env_done"
+            end_reason = "env_done" if end_reason != "env_error" else end_reason
             break
     if config.record_vllm_io:
         info["vllm_io"] = io_records

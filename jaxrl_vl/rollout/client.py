@@ -83,8 +83,8 @@ class VLLMClient:
         await self._http.aclose()
 
     async def request(self, method: str, path: str, json: Any = None, params: dict | None = None) -> Any:
-        """One HTTP call with bounded concurrency and retries. Returns decoded JSON (or None for
-        an empty body). Raises VLLMError / ContextLengthError."""
+        """One HTTP call with bounded concurrency and retries. Returns decoded JSON (the text for a
+        non-JSON body, None for an empty one). Raises VLLMError / ContextLengthError."""
         url = f"{self.base_url}{path}"
         last_error: Exception | None = None
         for attempt in range(self.max_retries + 1):
@@ -105,7 +105,12 @@ class VLLMClient:
                 continue
             if response.status_code >= 400:
                 raise self._http_error(method, url, response)
-            return response.json() if response.content else None
+            if not response.content:
+                return None
+            try:
+                return response.json()
+            except ValueError:
+                return response.text  # e.g. /v1/load_lora_adapter answers plain text
         raise VLLMError(f"{method} {url} failed after {self.max_retries + 1} attempts: "
                         f"{type(last_error).__name__}: {last_error}", url=url,
                         status_code=getattr(last_error, "status_code", None)) from last_error

@@ -37,7 +37,7 @@ class ServerConfig:
     max_model_len: int = 2048
     max_num_seqs: int = 8
     max_num_batched_tokens: int = 2048
-    cpu_kv_cache_gib: float = 1.0  # CPU only (VLLM_CPU_KVCACHE_SPACE)
+    cpu_kv_cache_gib: int = 1  # CPU only (VLLM_CPU_KVCACHE_SPACE takes whole GiB)
     gpu_memory_utilization: float = 0.85  # GPU only
     max_images_per_prompt: int = 4
     enforce_eager: bool = True  # CPU: faster start (no compile)
@@ -120,7 +120,10 @@ def server_command(config: ServerConfig, port: int) -> tuple[list[str], dict[str
                VLLM_SERVER_DEV_MODE="1",  # weight-update, pause/resume and collective_rpc routes
                VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
     if config.device == "cpu":
-        env["VLLM_CPU_KVCACHE_SPACE"] = f"{config.cpu_kv_cache_gib:g}"
+        if not (isinstance(config.cpu_kv_cache_gib, int) and config.cpu_kv_cache_gib >= 1):
+            raise ValueError(f"ServerConfig.cpu_kv_cache_gib={config.cpu_kv_cache_gib!r}: vLLM takes a whole "
+                             "number of GiB (>= 1) in VLLM_CPU_KVCACHE_SPACE")
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
     if config.enable_lora:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if config.cuda_visible_devices is not None:

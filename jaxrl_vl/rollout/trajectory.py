@@ -87,7 +87,7 @@ class Trajectory:
     replies: list[str]  # decoded assistant text per turn (what the env saw)
     messages: list[dict]  # the full conversation (every image kept), for saved samples
     info: dict[str, Any]  # the env's last info
-    end_reason: str  # "env_done" | "turn_budget" | "token_budget" | "context"
+    end_reason: str  # "env_done" | "turn_budget" | "token_budget" | "context" | "env_error"
     timing_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # render/generate/env
 
     @property
@@ -173,7 +173,7 @@ def rollout_metrics(groups: list[list[Trajectory]], prefix: str = "rollout/",
     for k in range(min(max(t.num_turns for t in trajectories), max_turns_logged)):
         reached = [t.turn_rewards[k] for t in trajectories if t.num_turns > k]
         out[f"turn_{k}_reward_mean"] = float(np.mean(reached))
-    for reason in ("env_done", "turn_budget", "token_budget", "context"):
+    for reason in ("env_done", "turn_budget", "token_budget", "context", "env_error"):
         out[f"end_{reason}"] = float(np.mean([t.end_reason == reason for t in trajectories]))
     for phase in ("render", "generate", "env"):
         out[f"{phase}_seconds_sum"] = float(sum(t.timing_seconds.get(phase, 0.0) for t in trajectories))

@@ -37,7 +37,7 @@ import numpy as np
 from jaxrl_vl.rollout.client import VLLMClient, VLLMError
 
 WEIGHTS_FILE = "model.safetensors"
-STREAM_CHUNK_BYTES = 64 * 2**20
+STREAM_CHUNK_BYTES = 4 * 2**20  # measured: 4 MB chunks pushed faster than 64 MB on CPU
 TRANSPORTS = ("reload", "stream")
 
 

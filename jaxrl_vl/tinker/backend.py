@@ -103,7 +103,8 @@ class TrainingBackend:
         self.model_dir = _resolve_dir(model_dir)  # a local folder (hub ids are fetched once)
         self.config, params = load(self.model_dir)
         self.params = jax.tree_util.tree_map(jnp.asarray, params)
-        self.expander = ImageExpander(model_dir, self.config.image_token_id, self.config.vision.spatial_merge_size)
+        self.expander = ImageExpander(self.model_dir, self.config.image_token_id, self.config.vision.spatial_merge_size,
+                                      text_substitute_id=self.config.video_token_id)
         self.store = store
         self.models: dict[str, TrainingModel] = {}
         # sampler checkpoints' LoRA trees, for prompt logprobs (adapter folder -> (lora, cfg))
@@ -290,7 +291,8 @@ class TrainingBackend:
         expanded = self.expander.expand(chunks, "prompt")
         ids = expanded["input_ids"]
         row = {"input_ids": ids, "loss_mask": np.ones(len(ids), np.float32),
-               "target_tokens": np.append(ids[1:], 0).astype(np.int32), "weights": np.zeros(len(ids), np.float32)}
+               "target_tokens": np.append(expanded["token_ids"][1:], 0).astype(np.int32),
+               "weights": np.zeros(len(ids), np.float32)}
         if expanded["pixel_values"] is not None:
             row["pixel_values"], row["image_grid_thw"] = expanded["pixel_values"], expanded["image_grid_thw"]
         _, target, _, _ = _loss_step(lora, self.params, self._batch([row]), loss_fn="cross_entropy", config_items=(),

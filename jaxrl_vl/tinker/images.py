@@ -31,10 +31,15 @@ def decode_image(chunk: ImageChunk, where: str):
 class ImageExpander:
     """Holds the checkpoint's image processor; caches processed images by content hash."""
 
-    def __init__(self, model_dir: str, image_token_id: int, merge_size: int):
+    def __init__(self, model_dir: str, image_token_id: int, merge_size: int, text_substitute_id: int):
         from transformers import AutoImageProcessor
         self.processor = AutoImageProcessor.from_pretrained(model_dir)
         self.image_token_id = int(image_token_id)
+        # The JAX model finds image positions by id, so an <|image_pad|> id inside a TEXT chunk (a policy
+        # can sample it) would be taken for an image. Such inputs get this id instead (the video pad:
+        # never an image, never a video here); only that token's input embedding differs, targets keep
+        # the real ids.
+        self.text_substitute_id = int(text_substitute_id)
         self.merge_size = int(merge_size)
         self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self.max_cached = 1024  # eval sets send the same images every evaluation
@@ -64,14 +69,18 @@ class ImageExpander:
         return pixels, grid, tokens
 
     def expand(self, chunks: list[Chunk], where: str) -> dict:
-        """-> {"input_ids": int32 [N], "pixel_values": float32 [P, D] | None, "image_grid_thw": [n, 3],
-        "is_image": bool [N], "images": [(offset, length, ImageChunk)]}."""
+        """-> {"input_ids": int32 [N] (model inputs), "token_ids": int32 [N] (the client's ids),
+        "pixel_values": float32 [P, D] | None, "image_grid_thw": [n, 3], "is_image": bool [N],
+        "images": [(offset, length, ImageChunk)]}."""
         ids: list[np.ndarray] = []
+        client_ids: list[np.ndarray] = []  # as the client meant them (no substitution)
         pixels, grids, images = [], [], []
         offset = 0
         for j, chunk in enumerate(chunks):
             if isinstance(chunk, TextChunk):
-                ids.append(np.asarray(chunk.tokens, np.int32))
+                tokens = np.asarray(chunk.tokens, np.int32)
+                client_ids.append(tokens)
+                ids.append(np.where(tokens == self.image_token_id, self.text_substitute_id, tokens).astype(np.int32))
                 offset += len(chunk.tokens)
                 continue
             p, g, n = self.process(chunk, f"{where}.chunks[{j}]")
@@ -79,11 +88,12 @@ class ImageExpander:
             grids.append(g)
             images.append((offset, n, chunk))
             ids.append(np.full(n, self.image_token_id, np.int32))
+            client_ids.append(ids[-1])
             offset += n
         input_ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
         if len(input_ids) == 0:
             raise UserError(f"{where}: the model input is empty")
-        return {"input_ids": input_ids,
+        return {"input_ids": input_ids, "token_ids": np.concatenate(client_ids),
                 "pixel_values": np.concatenate(pixels) if pixels else None,
                 "image_grid_thw": np.concatenate(grids) if grids else np.zeros((0, 3), np.int64),
                 "is_image": input_ids == self.image_token_id, "images": images}

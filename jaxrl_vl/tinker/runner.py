@@ -5,13 +5,14 @@ base checkpoint (jaxrl_vl.rollout.server); `ServerThread` runs uvicorn in a back
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 import httpx
 import uvicorn
 
-from jaxrl_vl.rollout.server import ServerConfig, ServerHandle, start_server
+from jaxrl_vl.rollout.server import ServerConfig, ServerHandle, restart_server, start_server, stop_server
 from jaxrl_vl.tinker.app import create_app
 from jaxrl_vl.tinker.backend import TrainingBackend
 from jaxrl_vl.tinker.futures import FutureStore
@@ -31,11 +32,29 @@ def start_vllm_for(model_dir: str, *, max_model_len: int = 4096, max_lora_rank: 
                                      max_loras=max_loras, tool_call_parser=None, log_dir=log_dir))
 
 
+class OwnedVLLM:
+    """A vLLM server this process started; `restart()` (async) replaces a dead one and returns its URL."""
+
+    def __init__(self, handle: ServerHandle):
+        self.handle = handle
+
+    async def restart(self) -> str:
+        self.handle = await asyncio.to_thread(restart_server, self.handle)
+        return self.handle.url
+
+    def stop(self) -> None:
+        stop_server(self.handle)
+
+
 def build_service(base_model: str, storage_root: str, *, vllm_url: str | None, vllm_model_name: str = "base",
-                  poll_seconds: float = 25.0, max_context_length: int | None = None) -> TinkerService:
+                  poll_seconds: float = 25.0, max_context_length: int | None = None,
+                  owned_vllm: OwnedVLLM | None = None) -> TinkerService:
     store = CheckpointStore(storage_root)
     backend = TrainingBackend(base_model, store)
-    sampler = VLLMSampler(vllm_url, vllm_model_name) if vllm_url else None
+    if owned_vllm is not None:
+        vllm_url = owned_vllm.handle.url
+    sampler = VLLMSampler(vllm_url, vllm_model_name,
+                          restart=owned_vllm.restart if owned_vllm else None) if vllm_url else None
     return TinkerService(backend, store, sampler, futures=FutureStore(poll_seconds=poll_seconds),
                          max_context_length=max_context_length)
 

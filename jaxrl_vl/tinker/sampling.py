@@ -16,8 +16,10 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import logging
 import math
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 import httpx
 import numpy as np
@@ -26,6 +28,7 @@ from jaxrl_vl.rollout.client import VLLMClient, VLLMError, sampled_logprobs
 from jaxrl_vl.tinker.protocol import Chunk, ImageChunk, TextChunk, UserError
 
 _ITEM_FIELDS = ("mm_hashes", "kwargs_data", "mm_metadata")
+log = logging.getLogger("jaxrl_vl.tinker")
 
 
 class TrafficGate:
@@ -104,11 +107,19 @@ def _prompt_logprobs(entries: list | None, prompt_ids: list[int]) -> np.ndarray:
 
 
 class VLLMSampler:
+    """restart: an optional async callable that restarts a vLLM server we own and returns its new URL.
+    With it, a request that finds the engine dead (e.g. its worker was OOM-killed) restarts the server
+    once and is retried, instead of failing every later request."""
+
     def __init__(self, base_url: str, served_model_name: str, *, max_concurrency: int = 32,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, restart: Callable[[], Awaitable[str]] | None = None):
+        self.max_concurrency = max_concurrency
         self.client = VLLMClient(base_url, served_model_name, max_concurrency=max_concurrency,
                                  max_model_len=max_model_len)
         self.served_model_name = served_model_name
+        self.restart = restart
+        self.generation = 0  # bumps at every restart
+        self._restart_lock = asyncio.Lock()
         self.gate = TrafficGate()
         self._adapters: dict[str, str] = {}  # adapter folder -> vLLM lora name
         self._adapter_lock = asyncio.Lock()
@@ -178,8 +189,36 @@ class VLLMSampler:
             raise UserError(f"{where}: the prompt is empty")
         return ids, ({k: v for k, v in features.items() if v} if features["mm_placeholders"] else None)
 
-    async def sample(self, chunks: list[Chunk], *, image_token_id: int, num_samples: int, sampling_params: dict,
-                     prompt_logprobs: bool, adapter_folder: str | None) -> tuple[list[dict], np.ndarray | None]:
+    async def _recover(self, generation: int) -> bool:
+        """Restarts vLLM if it is down (once per failure generation). True when a retry makes sense."""
+        if self.restart is None:
+            return False
+        async with self._restart_lock:
+            if generation != self.generation:
+                return True  # another request already restarted it
+            if await self.client.health():
+                return False  # the server is fine: the error was about this request
+            log.error("vLLM sampler at %s is down; restarting it", self.client.base_url)
+            url = await self.restart()
+            await self.client.aclose()
+            self.client = VLLMClient(url, self.served_model_name, max_concurrency=self.max_concurrency)
+            self._adapters.clear()  # the new server has no adapters loaded
+            self.generation += 1
+            return True
+
+    async def sample(self, chunks: list[Chunk], **kwargs) -> tuple[list[dict], np.ndarray | None]:
+        """See `_sample`; retried once after restarting a dead vLLM server (when `restart` is set)."""
+        generation = self.generation
+        try:
+            return await self._sample(chunks, **kwargs)
+        except (VLLMError, httpx.HTTPError) as error:
+            status = getattr(error, "status_code", None)
+            if (status is not None and status < 500) or not await self._recover(generation):
+                raise
+        return await self._sample(chunks, **kwargs)
+
+    async def _sample(self, chunks: list[Chunk], *, image_token_id: int, num_samples: int, sampling_params: dict,
+                      prompt_logprobs: bool, adapter_folder: str | None) -> tuple[list[dict], np.ndarray | None]:
         """-> (sequences [{"tokens", "logprobs", "stop_reason"}], prompt logprobs float32 [len] | None)."""
         if num_samples < 1:
             raise UserError(f"num_samples={num_samples}: must be >= 1")

@@ -19,7 +19,7 @@ from jaxrl_vl.tinker.protocol import ForwardBackwardCall, UserError, chunks_from
     encode_sample_response
 from jaxrl_vl.tinker.sampling import VLLMSampler
 from jaxrl_vl.tinker.sessions import SamplingSession, Sessions, model_id_for, sampling_session_id_for
-from jaxrl_vl.tinker.storage import CheckpointPath, CheckpointStore, parse_tinker_path
+from jaxrl_vl.tinker.storage import CheckpointStore, parse_tinker_path
 
 log = logging.getLogger("jaxrl_vl.tinker")
 

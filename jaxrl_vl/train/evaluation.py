@@ -86,7 +86,7 @@ class JaxGreedyGenerator:
         last = jnp.take_along_axis(logits, (cursor - 1)[:, None, None], axis=1)[:, 0]
         return jnp.argmax(last, axis=-1).astype(jnp.int32)
 
-    def _decode_chunk(self, params, prompts: list[GenerationPrompt], max_new_tokens: int) -> list[str]:
+    def _decode_chunk(self, params, prompts: list[GenerationPrompt], max_new_tokens: int) -> list[list[int]]:
         prompt_lengths = np.array([len(p.input_ids) for p in prompts])
         total = int(prompt_lengths.max()) + max_new_tokens
         total = -(-total // 16) * 16  # few distinct shapes across evals
@@ -117,16 +117,21 @@ class JaxGreedyGenerator:
                 done[b] = int(token) in self.stop_token_ids or cursor[b] >= total
             if done.all():
                 break
-        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+        return generated
 
     def close(self) -> None:
         pass
 
-    def generate(self, params, prompts: list[GenerationPrompt], max_new_tokens: int, version: int = 0) -> list[str]:
-        texts: list[str] = []
+    def generate_ids(self, params, prompts: list[GenerationPrompt], max_new_tokens: int) -> list[list[int]]:
+        """Greedy token ids per prompt (ending with the stop token, or max_new_tokens long)."""
+        ids: list[list[int]] = []
         for start in range(0, len(prompts), self.batch_size):
-            texts += self._decode_chunk(params, prompts[start:start + self.batch_size], max_new_tokens)
-        return texts
+            ids += self._decode_chunk(params, prompts[start:start + self.batch_size], max_new_tokens)
+        return ids
+
+    def generate(self, params, prompts: list[GenerationPrompt], max_new_tokens: int, version: int = 0) -> list[str]:
+        return [self.tokenizer.decode(ids, skip_special_tokens=True)
+                for ids in self.generate_ids(params, prompts, max_new_tokens)]
 
 
 def generation_accuracy(generate: Callable[[list[GenerationPrompt]], list[str]],

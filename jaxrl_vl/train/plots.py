@@ -69,3 +69,22 @@ def plot_run(run_dir: str, out_dir: str | None = None, keys: list[str] | None = 
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def text_curve(run_dir: str, max_rows: int = 12) -> str:
+    """A few-line text table of the run's curve for the terminal: train loss at up to max_rows
+    evenly spaced steps, plus every eval record's numeric metrics."""
+    records = read_metrics(run_dir)
+    train = [r for r in records if isinstance(r.get("train/loss"), (int, float))]
+    evals = [r for r in records if any(k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool)
+                                       for k, v in r.items())]
+    lines = []
+    if train:
+        stride = max(1, math.ceil(len(train) / max_rows))
+        picked = train[::stride] + ([train[-1]] if (len(train) - 1) % stride else [])
+        lines.append("train loss: " + "  ".join(f"{r['step']}:{r['train/loss']:.4f}" for r in picked))
+    for r in evals:
+        values = "  ".join(f"{k[5:]}={v:.4f}" for k, v in sorted(r.items())
+                           if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool))
+        lines.append(f"eval @ step {r['step']}: {values}")
+    return "\n".join(lines)

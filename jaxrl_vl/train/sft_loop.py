@@ -168,8 +168,10 @@ def run_sft(config) -> dict:
     wall_start = time.time()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     train_cfg = config.train
+    if config.model.dtype not in _DTYPES:
+        raise ConfigError(f"model.dtype={config.model.dtype!r}; choose one of {sorted(_DTYPES)}")
     if train_cfg.batch_size % train_cfg.grad_accum_steps:
-        raise ValueError(f"train.batch_size={train_cfg.batch_size} must be a multiple of "
+        raise ConfigError(f"train.batch_size={train_cfg.batch_size} must be a multiple of "
                          f"train.grad_accum_steps={train_cfg.grad_accum_steps}")
     run_dir = setup.resolve_run_dir(config)
     setup.save_run_config(config, run_dir)
@@ -298,6 +300,8 @@ def _finish(config, run_dir, model_dir, model_config, state, lora_cfg, final_ste
     if config.export.at_end:
         export_dir = export_state(state, model_config, os.path.join(run_dir, "export"), copy_from=model_dir,
                                   lora_cfg=lora_cfg)
+    from jaxrl_vl.train.plots import text_curve
+    print(text_curve(run_dir), file=sys.stderr, flush=True)
     plots = []
     if config.metrics.plot_at_end:
         from jaxrl_vl.train.plots import plot_run

@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--timeout-minutes", type=float, default=360.0)
         if train:
             p.add_argument("--config", required=True, help="experiment config, relative to the repo root")
-            p.add_argument("--code", default="copy", help="'copy' (tarball of this checkout) or git:URL[@REF]")
+            p.add_argument("--code", default="copy", help="'copy' (tarball of this checkout) or git:URL[#REF]")
             p.add_argument("--bundle-path", default="", help="where to write the tarball (default: temp dir)")
             p.add_argument("--pip", action="append", default=None, help="extra pip requirement (default: jax[tpu])")
             p.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",

@@ -99,20 +99,20 @@ def ssh_command(target: Target, remote_command: str, *, worker: str = "all") -> 
 
 def install_script(*, code_source: str = "copy", pip_packages: tuple[str, ...] = ("jax[tpu]",)) -> str:
     """Bash run on every worker: unpack (or clone) the code into ~/jaxrl_vl and install it into
-    ~/jaxrl_vl/.venv. `code_source` is "copy" (the tarball scp'd first) or "git:URL[@REF]".
+    ~/jaxrl_vl/.venv. `code_source` is "copy" (the tarball scp'd first) or "git:URL[#REF]".
     Existing files are overwritten, run directories kept, so rerunning is safe."""
     if code_source == "copy":
         fetch = f"mkdir -p ~/{REMOTE_DIR} && tar -xzf ~/{REMOTE_BUNDLE} -C ~/{REMOTE_DIR}"
     elif code_source.startswith("git:"):
-        url, _, ref = code_source[len("git:"):].partition("@")
+        url, _, ref = code_source[len("git:"):].partition("#")  # not "@": ssh URLs (git@host:org/repo) contain one
         if not url:
-            raise ValueError(f"--code={code_source!r}: expected git:URL or git:URL@REF")
+            raise ValueError(f"--code={code_source!r}: expected git:URL or git:URL#REF")
         fetch = (f"(test -d ~/{REMOTE_DIR}/.git || git clone {shlex.quote(url)} ~/{REMOTE_DIR})"
                  f" && git -C ~/{REMOTE_DIR} fetch --all --quiet")
         if ref:
             fetch += f" && git -C ~/{REMOTE_DIR} checkout --quiet {shlex.quote(ref)}"
     else:
-        raise ValueError(f"--code={code_source!r}: expected 'copy' or 'git:URL[@REF]'")
+        raise ValueError(f"--code={code_source!r}: expected 'copy' or 'git:URL[#REF]'")
     packages = " ".join(shlex.quote(p) for p in pip_packages)
     # TPU VM images ship Python 3.10; the project needs >= 3.11: use one if present, else uv's.
     python = ("PY=$(command -v python3.12 || command -v python3.11 || true); if [ -z \"$PY\" ]; then"

@@ -80,7 +80,7 @@ class TrainJob:
     """What to run on the workers once the slice is up."""
     config_path: str                      # e.g. configs/sft_digits.py (relative to the repo root)
     overrides: tuple[str, ...] = ()       # e.g. ("--config.train.num_steps=10",)
-    code_source: str = "copy"             # "copy" (tarball of this checkout) | "git:URL[@REF]"
+    code_source: str = "copy"             # "copy" (tarball of this checkout) | "git:URL[#REF]"
     bundle_path: str = ""                 # local tarball for code_source="copy"
     pip_packages: tuple[str, ...] = ("jax[tpu]",)
     env_file: str = ""                    # local KEY=value file (commands.env_file_text) copied to every worker
@@ -137,13 +137,18 @@ def up(runner: Runner, target: Target, tpu: TpuSlice, job: TrainJob, *, runtime_
        timeout_seconds: float = 6 * 3600, sleep: Callable[[float], None] = time.sleep,
        log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> None:
     """create -> wait ACTIVE -> copy -> install -> train -> delete. The delete also runs after an error,
-    Ctrl-C or SIGTERM once `create` was started (unless keep); exceptions propagate after it."""
+    Ctrl-C or SIGTERM once `create` was started (unless keep), but not when gcloud rejected the create
+    (the name may belong to someone else's resource); exceptions propagate after it."""
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     create_started = False
     try:
         create = commands.create_command(target, tpu, runtime_version=runtime_version, provisioning=provisioning)
         create_started = True  # an interrupted create may still have made the resource
-        runner.run(create)
+        try:
+            runner.run(create)
+        except GcloudError:
+            create_started = False  # gcloud refused (e.g. NAME exists already): nothing of ours to delete
+            raise
         wait_until_active(runner, target, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds, sleep=sleep, log=log)
         run_on_workers(runner, target, tpu, job)
     finally:

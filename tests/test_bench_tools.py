@@ -1,0 +1,58 @@
+"""CPU checks of the training benchmark's pieces (tools/bench_common.py) and of the text decoder's
+attention option. No timing assertions: the benchmark itself is a tool, run on a GPU."""
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import bench_common  # noqa: E402
+
+from jaxrl_vl.models.config import ModelConfig  # noqa: E402
+from jaxrl_vl.models.inputs import make_batch  # noqa: E402
+from jaxrl_vl.models.text import attention_implementation  # noqa: E402
+
+
+def test_rows_have_exact_length_images_and_loss_mask():
+    config = ModelConfig.from_hf_dict(bench_common.hf_config_dict("tiny"))
+    rows = bench_common.build_rows(config, "tiny", batch_size=2, seq_len=300, images_per_row=3, image_size=64)
+    batch = make_batch(rows, config, pad_to_length=300)
+    tokens_per_image = (64 // config.vision.patch_size) ** 2 // config.vision.spatial_merge_size ** 2
+    assert batch["input_ids"].shape == (2, 300)
+    assert (batch["segment_ids"] == 1).all()  # no padding: every token is real
+    assert (batch["input_ids"] == config.image_token_id).sum() == 2 * 3 * tokens_per_image
+    assert batch["image_grid_thw"].shape == (6, 3)
+    # loss only on text: image tokens and the vision start/end markers are excluded
+    is_text = ~np.isin(batch["input_ids"], [config.image_token_id, config.vision_start_token_id,
+                                            config.vision_end_token_id])
+    np.testing.assert_array_equal(batch["loss_mask"], is_text.astype(np.float32))
+    # same seed, same rows (the JAX and PyTorch processes rebuild them independently)
+    again = bench_common.build_rows(config, "tiny", batch_size=2, seq_len=300, images_per_row=3, image_size=64)
+    np.testing.assert_array_equal(rows[1]["pixel_values"], again[1]["pixel_values"])
+
+
+def test_rows_reject_impossible_geometry():
+    config = ModelConfig.from_hf_dict(bench_common.hf_config_dict("tiny"))
+    with pytest.raises(ValueError, match="image-size"):
+        bench_common.build_rows(config, "tiny", 1, 300, 1, image_size=60)
+    with pytest.raises(ValueError, match="seq-len"):
+        bench_common.build_rows(config, "tiny", 1, 12, 2, image_size=64)
+
+
+def test_real_shapes_and_flops_split():
+    config = ModelConfig.from_hf_dict(bench_common.hf_config_dict("qwen3_vl_2b"))
+    assert (config.text.hidden_size, config.text.num_hidden_layers, config.text.vocab_size) == (2048, 28, 151936)
+    full = bench_common.step_flops(config, batch_size=2, seq_len=4096, images_per_row=4, image_size=448, lora=False)
+    lora = bench_common.step_flops(config, batch_size=2, seq_len=4096, images_per_row=4, image_size=448, lora=True)
+    assert full["total"] == pytest.approx(full["text"] + full["vision"])
+    assert lora["total"] == pytest.approx(full["total"] * 2 / 3)
+    assert 1.1e14 < full["total"] < 1.3e14  # ~6 * 2.1e9 params * 8192 tokens + attention + lm_head
+
+
+def test_attention_option_resolution():
+    assert attention_implementation("auto", jnp.bfloat16, 128) == "xla"  # CPU backend
+    assert attention_implementation("cudnn_causal", jnp.bfloat16, 128) == "cudnn_causal"
+    with pytest.raises(ValueError, match="attention="):
+        attention_implementation("flash", jnp.bfloat16, 128)
