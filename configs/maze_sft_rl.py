@@ -37,9 +37,11 @@ def get_config():
     sft.model.build_size = "small"
     sft.model.random_init = True
     sft.data.loss_on = "all"        # every assistant turn of a demonstration is a target
-    sft.data.max_length = 2048
+    sft.data.max_length = 1536      # a 7x7 episode (<= 20 turns, 16 image tokens per frame) fits
     sft.train.num_steps = 300
     sft.train.batch_size = 8
+    # 4 micro-batches of 2: one batch of 8 x 2048 tokens needed 8 GB RSS on CPU (OOM-killed here)
+    sft.train.grad_accum_steps = 4
     sft.optim.learning_rate = 2e-3
     sft.optim.warmup_steps = 20
     sft.optim.weight_decay = 0.0

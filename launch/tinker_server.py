@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
 
@@ -49,6 +50,9 @@ def main(argv=None) -> int:
         vllm = OwnedVLLM(start_vllm_for(_resolve_dir(args.base_model), max_model_len=args.max_model_len,
                                         max_lora_rank=args.max_lora_rank, device=args.vllm_device))
         logging.info("vLLM sampler at %s (log %s)", vllm.handle.url, vllm.handle.log_path)
+    # uvicorn re-raises the SIGTERM it caught after its graceful shutdown; with the default handler that
+    # would end the process before `finally` stops vLLM, so make SIGTERM an ordinary exit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         service = build_service(args.base_model, args.storage_root,
                                 vllm_url=None if args.no_vllm else args.vllm_url, owned_vllm=vllm,

@@ -37,7 +37,9 @@ def _command(model_dir, data_dir, run_dir):
             "--config.train.batch_size=4", "--config.train.grad_accum_steps=2", "--config.optim.warmup_steps=2",
             "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=3", "--config.eval.every_steps=0",
             "--config.eval.nll_num_examples=4", "--config.eval.num_generation_examples=2",
-            "--config.eval.max_new_tokens=4", "--config.metrics.use_wandb=false", "--config.metrics.progress_bar=false",
+            # JAX greedy eval: a vLLM server started by the run that gets SIGKILLed would be orphaned
+            "--config.eval.max_new_tokens=4", "--config.eval.generation_backend=jax",
+            "--config.metrics.use_wandb=false", "--config.metrics.progress_bar=false",
             "--config.metrics.plot_at_end=false"]
 
 

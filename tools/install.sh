@@ -12,5 +12,6 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 .venv/bin/pip install -q -r requirements.txt
 .venv/bin/pip install -q --no-deps -r requirements-nodeps.txt
 .venv/bin/pip install -q --no-deps -e .
+.venv/bin/python tools/patch_torchvision.py
 echo "$want" > "$stamp"
 echo "trainer environment ready: .venv"

@@ -91,6 +91,12 @@ def write_maze2d(args) -> dict:
                 for r in records:
                     f.write(json.dumps(r) + "\n")
             seed += 1
+            # Small grids have few distinct mazes: stop instead of spinning when most are held out.
+            if seed - args.seed > 100 * args.n + 10_000:
+                raise SystemExit(
+                    f"--size {args.size}: found only {counts['train']} of --n {args.n} training mazes in "
+                    f"{seed - args.seed} seeds ({counts['skipped_eval_layout']} equal a held-out layout, "
+                    f"{counts['skipped_too_long']} exceed the step cap); use a larger --size or a smaller --n")
     with open(os.path.join(args.out, "test.jsonl"), "w") as f:
         for eval_seed in eval_seeds(args.n_test):
             for r in _maze_records(env, eval_seed, args.out, args.reasoning, args.history):

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -170,7 +171,8 @@ def start_server(config: ServerConfig) -> ServerHandle:
         log_file.write("$ " + " ".join(argv) + "\n")
         log_file.flush()
         process = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stdin=subprocess.DEVNULL, start_new_session=True,
+                                   preexec_fn=_die_with_parent)
     handle = ServerHandle(url=f"http://127.0.0.1:{port}", served_model_name=config.served_model_name,
                           process=process, log_path=str(log_path), config=config)
     try:
@@ -197,6 +199,15 @@ def stop_server(handle: ServerHandle, grace_seconds: float = 20.0) -> int | None
     # Children (engine core, workers) share the group; make sure none outlives the server.
     _signal_group(process, signal.SIGKILL)
     return process.returncode
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the process that started it dies (even by
+    SIGKILL), so a killed trainer never leaves an orphaned vLLM server holding memory and cores."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
