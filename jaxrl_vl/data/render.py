@@ -130,6 +130,21 @@ def _tokenizer_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def set_vocab_facts(renderer, tokenizer, image_processor) -> None:
+    """The token ids and image-processor constants every renderer exposes (shared by both renderers,
+    so local and vLLM rendering agree on what an image, a turn end and an assistant header are)."""
+    renderer.tokenizer = tokenizer
+    renderer.image_mean = tuple(float(v) for v in image_processor.image_mean)
+    renderer.image_std = tuple(float(v) for v in image_processor.image_std)
+    renderer.merge_size = int(image_processor.merge_size)
+    renderer.patch_dim = 3 * int(image_processor.temporal_patch_size) * int(image_processor.patch_size) ** 2
+    renderer.image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    renderer.end_id = int(tokenizer.convert_tokens_to_ids(TURN_END))
+    pad = tokenizer.pad_token_id
+    renderer.pad_token_id = int(pad if pad is not None else tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+    renderer.header_ids = _tokenizer_ids(tokenizer, ASSISTANT_HEADER)
+
+
 class HFRenderer:
     """Local renderer: the checkpoint's tokenizer (with its chat template) + image processor.
 
@@ -139,17 +154,8 @@ class HFRenderer:
     """
 
     def __init__(self, tokenizer, image_processor):
-        self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.image_mean = tuple(float(v) for v in image_processor.image_mean)
-        self.image_std = tuple(float(v) for v in image_processor.image_std)
-        self.merge_size = int(image_processor.merge_size)
-        self.patch_dim = 3 * int(image_processor.temporal_patch_size) * int(image_processor.patch_size) ** 2
-        self.image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-        self.end_id = int(tokenizer.convert_tokens_to_ids(TURN_END))
-        pad = tokenizer.pad_token_id
-        self.pad_token_id = int(pad if pad is not None else tokenizer.convert_tokens_to_ids("<|endoftext|>"))
-        self.header_ids = _tokenizer_ids(tokenizer, ASSISTANT_HEADER)
+        set_vocab_facts(self, tokenizer, image_processor)
         if tokenizer.chat_template is None:
             raise ValueError("the tokenizer has no chat_template; save one with the checkpoint (chat_template.jinja)")
 

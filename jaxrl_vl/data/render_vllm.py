@@ -16,8 +16,8 @@ import threading
 import numpy as np
 
 from jaxrl_vl.data import images as images_lib
-from jaxrl_vl.data.render import (ASSISTANT_HEADER, IMAGE_TOKEN, TURN_END, RenderedExample,
-                                  make_rendered_example, processor_chat_template)
+from jaxrl_vl.data.render import (RenderedExample, make_rendered_example, processor_chat_template,
+                                  set_vocab_facts)
 
 
 def _with_decoded_images(messages):
@@ -51,16 +51,7 @@ class VLLMRenderer:
         if template is not None:
             tokenizer.chat_template = template
         image_processor = AutoImageProcessor.from_pretrained(model_dir)
-        self.tokenizer = tokenizer  # for decoding only; tokens come from the server
-        self.image_mean = tuple(float(v) for v in image_processor.image_mean)
-        self.image_std = tuple(float(v) for v in image_processor.image_std)
-        self.merge_size = int(image_processor.merge_size)
-        self.patch_dim = 3 * int(image_processor.temporal_patch_size) * int(image_processor.patch_size) ** 2
-        self.image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-        self.end_id = int(tokenizer.convert_tokens_to_ids(TURN_END))
-        pad = tokenizer.pad_token_id
-        self.pad_token_id = int(pad if pad is not None else tokenizer.convert_tokens_to_ids("<|endoftext|>"))
-        self.header_ids = list(tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"])
+        set_vocab_facts(self, tokenizer, image_processor)  # tokenizer for decoding only; tokens come from the server
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-renderer-loop", daemon=True)
         self._thread.start()

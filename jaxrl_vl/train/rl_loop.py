@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_vl import models
 from jaxrl_vl.envs import make_env
 from jaxrl_vl.losses.advantages import compute_advantages, zero_variance_groups
 from jaxrl_vl.losses.policy import PolicyLossConfig
@@ -161,12 +160,7 @@ def run_rl(config) -> dict:
     rl = config.rl
     run_dir = setup.resolve_run_dir(config)
     setup.save_run_config(config, run_dir)
-    model_dir = setup.ensure_model_dir(config.model)
-    model_config, params = models.load(model_dir)
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, lora_rng, state_rng = jax.random.split(rng, 3)
-    if config.model.random_init:
-        params = models.init(model_config, init_rng)
+    model_dir, model_config, params, lora_rng, state_rng = setup.load_policy(config)
     params = jax.tree.map(jnp.asarray, params)
     lora, lora_overlay, lora_cfg = _lora_parts(config, params, lora_rng)
     optimizer, schedule = make_optimizer(config.optim, config.train.num_steps)

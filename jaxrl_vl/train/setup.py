@@ -86,6 +86,24 @@ def ensure_model_dir(model_config) -> str:
     return path
 
 
+def load_policy(config):
+    """Loads (or randomly initialises, with `model.random_init`) the policy for a run.
+
+    Returns (model_dir, model_config, params, lora_rng, state_rng); the rng split is shared by the
+    SFT and RL loops so the same seed gives the same initial state in both.
+    """
+    import jax
+
+    from jaxrl_vl import models
+
+    model_dir = ensure_model_dir(config.model)
+    model_config, params = models.load(model_dir)
+    init_rng, lora_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+    if config.model.random_init:
+        params = models.init(model_config, init_rng)
+    return model_dir, model_config, params, lora_rng, state_rng
+
+
 def _jsonl_path(path: str, split: str) -> str:
     if os.path.isdir(path):
         candidate = os.path.join(path, f"{split}.jsonl")

@@ -17,7 +17,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrl_vl import models, sharding
@@ -175,12 +174,7 @@ def run_sft(config) -> dict:
                          f"train.grad_accum_steps={train_cfg.grad_accum_steps}")
     run_dir = setup.resolve_run_dir(config)
     setup.save_run_config(config, run_dir)
-    model_dir = setup.ensure_model_dir(config.model)
-    model_config, params = models.load(model_dir)
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, lora_rng, state_rng = jax.random.split(rng, 3)
-    if config.model.random_init:
-        params = models.init(model_config, init_rng)
+    model_dir, model_config, params, lora_rng, state_rng = setup.load_policy(config)
     data = _Data(config, model_dir, model_config)
 
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
