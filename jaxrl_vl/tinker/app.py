@@ -5,6 +5,8 @@ Error shapes:
     (the SDK raises tinker.BadRequestError at once);
   - an unknown model / future id: HTTP 404 {"detail": msg} (tinker.NotFoundError);
   - a missing/wrong API key (when the server has one): HTTP 401 {"detail": msg};
+  - a body over `max_body_bytes` (declared by Content-Length or streamed): HTTP 413 {"detail": msg};
+  - a field of the wrong type (e.g. a string where an int is needed): HTTP 400 {"detail": msg};
   - work that fails (bad expected_tokens, unsupported loss, ...): the future resolves to
     {"error": msg, "category": "user"|"server"} (tinker.RequestFailedError). Such failures never stop
     the server.
@@ -29,6 +31,55 @@ CLIENT_CONFIG = {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": False, "sa
                  "custom_loss_server_side": False, "sample_join_sampling_session": False,
                  # chunks of one forward_backward arrive one after another, in seq_id order
                  "parallel_fwdbwd_chunks": False}
+# Large enough for forward_backward batches with several images; small enough that one request
+# cannot exhaust host memory.
+DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """ASGI middleware: answers 413 for bodies over max_body_bytes, declared (Content-Length) or streamed
+    (chunked), before the route reads them into memory."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    def _reject(self, size: str):
+        return JSONResponse(status_code=413, content={"detail": f"request body of {size} bytes is over this "
+                            f"server's limit of {self.max_body_bytes} bytes; send fewer/smaller data per request "
+                            "or start the server with a larger max_body_bytes"})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await self._reject(declared.decode())(scope, receive, send)
+        received = 0
+        started = False
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge()
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await self._reject(f"more than {self.max_body_bytes}")(scope, receive, send)
 
 
 class HTTPProblem(Exception):
@@ -60,16 +111,20 @@ def _future(request_id: str, model_id: str | None = None) -> dict:
     return out
 
 
-def create_app(service: TinkerService, *, api_key: str | None = None) -> FastAPI:
+def create_app(service: TinkerService, *, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="jaxrl_vl tinker server")
     app.state.service = service
+    app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
         if api_key and request.url.path != "/api/v1/healthz":
             given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix(
                 "Bearer ").strip()
-            if not given or not hmac.compare_digest(given, api_key):
+            # bytes: compare_digest refuses non-ASCII str (a 500 before); constant time either way
+            if not given or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
+                                                    api_key.encode("utf-8")):
                 what = "no API key" if not given else "a wrong API key"
                 return JSONResponse(status_code=401, content={"detail": f"request carries {what}; set "
                                     "TINKER_API_KEY (header X-API-Key) to the key this server was started with"})
@@ -86,6 +141,19 @@ def create_app(service: TinkerService, *, api_key: str | None = None) -> FastAPI
     @app.exception_handler(UserError)
     async def user_error(_: Request, error: UserError):
         return JSONResponse(status_code=400, content={"detail": str(error)})
+
+    # Route handlers only parse and validate request bodies (the real work runs in futures), so a
+    # ValueError/TypeError/AttributeError escaping them means a field of the wrong type or shape, e.g.
+    # int("abc") or "reason": "x" where an object is expected: the client's fault, not a 500. Logged with
+    # the traceback so a genuine server bug stays visible.
+    @app.exception_handler(ValueError)
+    @app.exception_handler(TypeError)
+    @app.exception_handler(AttributeError)
+    async def wrong_type(request: Request, error: Exception):
+        log.warning("400 for %s: %s: %s", request.url.path, type(error).__name__, error, exc_info=error)
+        return JSONResponse(status_code=400, content={
+            "detail": f"{request.url.path}: a request field has the wrong type or value "
+                      f"({type(error).__name__}: {error}); see the tinker==0.38.0 request types"})
 
     @app.exception_handler(KeyError)
     async def not_found(_: Request, error: KeyError):

@@ -13,7 +13,7 @@ import httpx
 import uvicorn
 
 from jaxrl_vl.rollout.server import ServerConfig, ServerHandle, restart_server, start_server, stop_server
-from jaxrl_vl.tinker.app import create_app
+from jaxrl_vl.tinker.app import DEFAULT_MAX_BODY_BYTES, create_app
 from jaxrl_vl.tinker.backend import TrainingBackend
 from jaxrl_vl.tinker.futures import FutureStore
 from jaxrl_vl.tinker.sampling import VLLMSampler
@@ -62,8 +62,9 @@ def build_service(base_model: str, storage_root: str, *, vllm_url: str | None, v
 class ServerThread:
     """uvicorn on 127.0.0.1:port in a daemon thread. `stop()` shuts it down."""
 
-    def __init__(self, service: TinkerService, port: int, *, api_key: str | None = None, log_level: str = "warning"):
-        self.app = create_app(service, api_key=api_key)
+    def __init__(self, service: TinkerService, port: int, *, api_key: str | None = None, log_level: str = "warning",
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        self.app = create_app(service, api_key=api_key, max_body_bytes=max_body_bytes)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level=log_level))
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="tinker-uvicorn")
         self.url = f"http://127.0.0.1:{port}"
