@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -172,7 +173,10 @@ def start_server(config: ServerConfig) -> ServerHandle:
         log_file.flush()
         process = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                   preexec_fn=_die_with_parent)
+                                   # The kernel ties PDEATHSIG to the forking *thread*: only safe from the
+                                   # main thread (a server started from a worker thread would die with it).
+                                   preexec_fn=_die_with_parent if threading.current_thread() is threading.main_thread()
+                                   else None)
     handle = ServerHandle(url=f"http://127.0.0.1:{port}", served_model_name=config.served_model_name,
                           process=process, log_path=str(log_path), config=config)
     try:
@@ -203,7 +207,8 @@ def stop_server(handle: ServerHandle, grace_seconds: float = 20.0) -> int | None
 
 def _die_with_parent() -> None:
     """Runs in the child before exec: SIGTERM it when the process that started it dies (even by
-    SIGKILL), so a killed trainer never leaves an orphaned vLLM server holding memory and cores."""
+    SIGKILL), so a killed trainer never leaves an orphaned vLLM server holding memory and cores.
+    Servers started from worker threads rely on stop_server instead."""
     if sys.platform.startswith("linux"):
         import ctypes
         PR_SET_PDEATHSIG = 1
