@@ -162,7 +162,7 @@ def run_rl(config) -> dict:
     setup.save_run_config(config, run_dir)
     model_dir, model_config, params, lora_rng, state_rng = setup.load_policy(config)
     params = jax.tree.map(jnp.asarray, params)
-    lora, lora_overlay, lora_cfg = _lora_parts(config, params, lora_rng)
+    lora, lora_overlay, lora_cfg = setup.lora_parts(config, params, lora_rng)
     optimizer, schedule = make_optimizer(config.optim, config.train.num_steps)
     state = create_train_state(params, optimizer, state_rng, lora=lora)
     store = CheckpointStore(setup.checkpoint_dir(config, run_dir), every_steps=config.checkpoint.every_steps,
@@ -299,15 +299,6 @@ def run_rl(config) -> dict:
         writer.close()
     return _finish(config, run_dir, model_dir, model_config, state, lora_cfg, final_step, start_step, before, after,
                    last, max_drift, wall_start)
-
-
-def _lora_parts(config, params, rng):
-    if not config.lora.enabled:
-        return None, None, None
-    from jaxrl_vl.models import lora as lora_lib
-    cfg = lora_lib.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets),
-                              include_vision=config.lora.include_vision)
-    return lora_lib.init_lora(params, cfg, rng), (lambda p, l: lora_lib.overlay(p, l, cfg)), cfg
 
 
 def _progress(config, start_step: int):

@@ -104,6 +104,16 @@ def load_policy(config):
     return model_dir, model_config, params, lora_rng, state_rng
 
 
+def lora_parts(config, params, rng):
+    """-> (lora tree or None, overlay fn or None, LoraConfig or None)."""
+    if not config.lora.enabled:
+        return None, None, None
+    from jaxrl_vl.models import lora as lora_lib
+    cfg = lora_lib.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets),
+                              include_vision=config.lora.include_vision)
+    return lora_lib.init_lora(params, cfg, rng), (lambda p, l: lora_lib.overlay(p, l, cfg)), cfg
+
+
 def _jsonl_path(path: str, split: str) -> str:
     if os.path.isdir(path):
         candidate = os.path.join(path, f"{split}.jsonl")

@@ -45,16 +45,6 @@ def _stacked_shardings(batch: dict, mesh) -> dict:
     return {k: NamedSharding(mesh, PartitionSpec(None, *inner[k].spec)) for k in batch}
 
 
-def _lora_parts(config, params, rng):
-    """-> (lora tree or None, overlay fn or None, LoraConfig or None)."""
-    if not config.lora.enabled:
-        return None, None, None
-    from jaxrl_vl.models import lora as lora_lib
-    cfg = lora_lib.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, targets=tuple(config.lora.targets),
-                              include_vision=config.lora.include_vision)
-    return lora_lib.init_lora(params, cfg, rng), (lambda p, l: lora_lib.overlay(p, l, cfg)), cfg
-
-
 class _Data:
     """Rendered train/eval examples and the renderer (rendering happens once per run)."""
 
@@ -179,7 +169,7 @@ def run_sft(config) -> dict:
 
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     params = sharding.shard_params(jax.tree.map(jnp.asarray, params), mesh)
-    lora, lora_overlay, lora_cfg = _lora_parts(config, params, lora_rng)
+    lora, lora_overlay, lora_cfg = setup.lora_parts(config, params, lora_rng)
     optimizer, schedule = make_optimizer(config.optim, train_cfg.num_steps)
     state = create_train_state(params, optimizer, state_rng, lora=lora, mesh=mesh)
 
