@@ -1,16 +1,17 @@
-"""The README's main job (`make demo`): for now the digits SFT run of configs/sft_digits.py.
+"""The README's main job (`make demo`): SFT of the `small` Qwen3-VL on Maze2D solver demonstrations,
+then RL on Maze2D, on CPU (configs/maze_sft_rl.py).
 
     python launch/train.py --config configs/demo.py
 
-Trains the `small` Qwen3-VL (built offline on first use) on the digits image folder, evaluates
-greedy test accuracy (through vLLM when .venv-vllm exists), writes metrics.jsonl, PNG plots,
-checkpoints and an HF export under runs/demo, and prints a JSON summary as its last line.
-(The RL issue replaces this with SFT on Maze2D demonstrations followed by RL.)
+Builds the `small` checkpoint offline on first use, writes the demonstrations, trains, starts a CPU
+vLLM server for RL, and prints held-out success before and after RL (same seeds); the last line is
+the JSON summary. Everything lands under runs/demo (metrics.jsonl, PNG plots, checkpoints, exports).
+The digits SFT run that used to be the demo is configs/sft_digits.py.
 """
-import sft_digits
+import maze_sft_rl
 
 
 def get_config():
-    c = sft_digits.get_config()
+    c = maze_sft_rl.get_config()
     c.name = "demo"
     return c

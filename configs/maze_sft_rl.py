@@ -27,6 +27,7 @@ def get_config():
     c.maze.cell_px = 16
     c.maze.action_format = "keyword"
     c.maze.prompt_style = "compact"
+    c.maze.include_feedback = False   # no "Environment feedback: ..." line: ~27 fewer tokens per turn
     c.maze.num_demos = 400          # solver demonstrations (one multi-turn record each)
     c.maze.num_test_demos = 32      # demonstrations on held-out seeds (SFT eval NLL)
     c.maze.demo_seed = 0

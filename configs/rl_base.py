@@ -70,4 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
     v.max_concurrent_requests = 16
     v.transport = "reload"            # weight push: "reload" (shared disk, /dev/shm) | "stream" (over HTTP, no shared disk)
     v.token_env = ""                  # env var holding the server's bearer token (launch/vllm_gpu_server.sh); "" = none
+    v.on_server_failure = "restart"   # a started server dies mid-run: "restart" it on the current weights and redo
+                                      # the step's rollouts, or "stop" the run with an error naming it and its log
+    v.max_server_restarts = 3         # restarts per run before stopping anyway
     return c

@@ -176,7 +176,8 @@ def batch_partition_spec(key: str, shape: tuple[int, ...], batch_size: int,
                          seq_len: int | None) -> P:
     """Per-token arrays [B, L, ...] and per-row arrays [B] (make_batch's scalar extras) split
     dim 0 over (data, fsdp); M-RoPE `position_ids` [3, B, L] split dim 1; vision arrays (pixel
-    patches of all rows, grid sizes, `vision_*` metadata) and anything else are replicated."""
+    patches of all rows, grid sizes, `vision_*` metadata) and anything else are replicated
+    (`batch_shardings` splits the vision slot arrays, see there)."""
     if key.startswith("vision_") or key in ("pixel_values", "image_grid_thw"):
         return P()
     if len(shape) >= 2 and shape[:2] == (batch_size, seq_len):
@@ -204,7 +205,13 @@ def batch_shardings(batch: dict, mesh: Mesh, extra_batch_keys: tuple[str, ...] =
     out = {}
     for key, value in batch.items():
         shape = tuple(np.shape(value))
-        if key in extra_batch_keys:
+        if key.startswith("vision_slot_"):
+            # The vision tower runs in slot layout [N, L, ...] and every op on it is per slot, so
+            # splitting N splits the vision compute (pixel_values stays replicated: each device
+            # gathers its own slots' patches). N is bucketed to multiples of 8 from 8 slots on; a
+            # count the mesh does not divide stays replicated (correct, just not split).
+            spec = P(BATCH_MESH_AXES) if shape and shape[0] % split == 0 else P()
+        elif key in extra_batch_keys:
             if not shape or shape[0] != batch_size:
                 raise ValueError(f"batch[{key!r}] has shape {shape}; extra_batch_keys need "
                                  f"leading dim B={batch_size}")

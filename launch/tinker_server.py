@@ -32,7 +32,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=4096, help="sampler context length")
     parser.add_argument("--max-lora-rank", type=int, default=64)
     parser.add_argument("--poll-seconds", type=float, default=25.0, help="retrieve_future long-poll window")
+    parser.add_argument("--max-body-bytes", type=_positive_int, default=None,
+                        help="largest request body accepted (HTTP 413 above it); default 256 MiB")
     return parser.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be a positive number of bytes")
+    return value
 
 
 def main(argv=None) -> int:
@@ -41,7 +50,7 @@ def main(argv=None) -> int:
     import uvicorn
 
     from jaxrl_vl.models.checkpoint import _resolve_dir
-    from jaxrl_vl.tinker.app import create_app
+    from jaxrl_vl.tinker.app import DEFAULT_MAX_BODY_BYTES, create_app
     from jaxrl_vl.tinker.runner import OwnedVLLM, build_service, start_vllm_for
 
     vllm = None
@@ -57,7 +66,8 @@ def main(argv=None) -> int:
         service = build_service(args.base_model, args.storage_root,
                                 vllm_url=None if args.no_vllm else args.vllm_url, owned_vllm=vllm,
                                 poll_seconds=args.poll_seconds, max_context_length=args.max_model_len)
-        uvicorn.run(create_app(service, api_key=args.api_key), host="127.0.0.1", port=args.port, log_level="info")
+        app = create_app(service, api_key=args.api_key, max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+        uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="info")
     finally:
         if vllm is not None:
             vllm.stop()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from jaxrl_vl.models.vision import apply_vision, init_vision
-from jaxrl_vl.models.vision_inputs import vision_inputs
+from jaxrl_vl.models.vision_inputs import bucket_size, slot_shape, vision_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -156,6 +156,16 @@ def test_padding_and_other_images_do_not_change_an_image(arch):
     together, _ = forward(padded, GRID_THW)
     single, _ = forward(alone, GRID_THW[:1])
     np.testing.assert_allclose(np.asarray(together)[:6], np.asarray(single), atol=TOL, rtol=0)
+    # Changing one frame's pixels (the second frame of the 2-frame clip) changes its own merged tokens
+    # and no other frame's: frames of one batch never attend to each other.
+    frame_tokens = np.repeat(np.arange(5), [6, 8, 4, 4, 1])  # merged tokens per frame of GRID_THW
+    start = 4 * int(np.sum(frame_tokens < 3))
+    changed = padded.copy()
+    changed[start:start + 16] += 3.0
+    after, _ = forward(changed, GRID_THW)
+    delta = np.abs(np.asarray(after) - np.asarray(together))[:len(frame_tokens)].max(axis=1)
+    assert delta[frame_tokens == 3].min() > 1e-3
+    np.testing.assert_allclose(delta[frame_tokens != 3], 0.0, atol=TOL)
 
 
 def test_vision_inputs_reject_bad_shapes():
@@ -172,29 +182,58 @@ def test_apply_vision_names_missing_inputs():
     vision_config = _tiny_config("qwen3_vl")
     params = init_vision(vision_config, jax.random.PRNGKey(0))
     wrong_arch_inputs = vision_inputs(_tiny_config("qwen2_5_vl"), GRID_THW[:1], 24)
-    with pytest.raises(ValueError, match="vision_interp_indices"):
+    with pytest.raises(ValueError, match="vision_slot_interp_indices"):
         apply_vision(params, vision_config, jnp.zeros((24, 96)), wrong_arch_inputs)
     with pytest.raises(ValueError, match="pixel_values"):
         apply_vision(params, vision_config, jnp.zeros((24, 95)), vision_inputs(vision_config, GRID_THW[:1], 24))
 
 
-def test_window_order_matches_transformers():
+def test_windows_match_transformers():
+    """Every Qwen2.5-VL window of the slot layout holds exactly the patches of one transformers window."""
     from transformers.vision_utils import get_vision_window_index
 
     vision_config = _tiny_config("qwen2_5_vl")
     grid = np.array([[1, 6, 10], [2, 4, 4], [1, 8, 2]])
     window_index, cu_window_seqlens = get_vision_window_index(
         torch.from_numpy(grid), spatial_merge_size=2, window_size=16, patch_size=4)
+    unit = 4
+    ordered_patches = (window_index.numpy()[:, None] * unit + np.arange(unit)).reshape(-1)
+    bounds = cu_window_seqlens.numpy()
+    want = {frozenset(ordered_patches[a:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:]) if b > a}
+
     num_patches = int(np.prod(grid, axis=1).sum())
     v = vision_inputs(vision_config, grid, num_patches + 8)
-    unit = 4
-    np.testing.assert_array_equal(v["vision_window_order"][:num_patches:unit] // unit, window_index.numpy())
-    window_ids = v["vision_window_segment_ids"][:num_patches]
-    boundaries = np.flatnonzero(np.diff(window_ids)) + 1
-    np.testing.assert_array_equal(np.concatenate([[0], boundaries, [num_patches]]), cu_window_seqlens.numpy())
-    assert (v["vision_window_segment_ids"][num_patches:] == 0).all()
-    np.testing.assert_array_equal(v["vision_window_order"][v["vision_merged_inverse_order"] * unit] // unit,
-                                  np.arange((num_patches + 8) // unit))
+    slot_patches, index = v["vision_slot_patches"], v["vision_slot_window_index"]
+    got = set()
+    for n, w in np.ndindex(index.shape[:2]):
+        positions = index[n, w][index[n, w] < slot_patches.shape[1]]
+        patches = slot_patches[n, positions]
+        assert (patches < num_patches).all()
+        if len(patches):
+            assert len(patches) == v["vision_slot_window_lengths"][n, w]
+            got.add(frozenset(patches.tolist()))
+    assert got == want
+    # the inverse puts every real slot position back where the window gather took it from
+    real = slot_patches < num_patches
+    flat_index = index.reshape(index.shape[0], -1)
+    inverse = v["vision_slot_window_inverse"]
+    for n in range(slot_patches.shape[0]):
+        np.testing.assert_array_equal(flat_index[n, inverse[n, real[n]]], np.flatnonzero(real[n]))
+
+
+def test_slot_layout_is_bucketed_and_checked():
+    vision_config = _tiny_config("qwen3_vl")
+    v = vision_inputs(vision_config, GRID_THW, 120)
+    # 5 frames of up to 32 patches -> 8 slots of 32; padding positions point past the 120 patch rows
+    assert v["vision_slot_patches"].shape == (8, 32)
+    np.testing.assert_array_equal(v["vision_slot_lengths"], [24, 32, 16, 16, 4, 1, 1, 1])
+    assert (v["vision_slot_patches"][5:] == 120).all() and v["vision_merged_rows"].shape == (30,)
+    assert (v["vision_merged_rows"][23:] == 8 * 32 // 4).all()  # 92 real patches -> 23 merged tokens
+    shape = slot_shape(vision_config, GRID_THW, GRID_THW[:1])
+    assert shape == (8, 32, 0) and vision_inputs(vision_config, GRID_THW[:1], 24, shape)["vision_slot_patches"].shape == (8, 32)
+    with pytest.raises(ValueError, match="slot_shape"):
+        vision_inputs(vision_config, GRID_THW, 120, (4, 32))
+    assert [bucket_size(n) for n in (0, 3, 8, 9, 17, 100, 784, 1000)] == [1, 4, 8, 16, 24, 104, 832, 1024]
 
 
 @pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
@@ -218,12 +257,26 @@ def test_remat_keeps_gradients(arch):
         embeds, deepstack = apply_vision(p, vision_config, jnp.asarray(padded), vinputs, remat=remat)
         return jnp.sum(embeds ** 2) + (0.0 if deepstack is None else jnp.sum(deepstack ** 2))
 
-    grads = [jax.jit(jax.grad(loss), static_argnums=1)(params, remat) for remat in ("none", "full")]
-    for plain, remat in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
-        # Recomputation may fuse differently, so compare relative to each leaf's gradient scale.
-        scale = float(jnp.abs(plain).max()) + 1e-12
-        np.testing.assert_allclose(np.asarray(remat) / scale, np.asarray(plain) / scale, atol=1e-5, rtol=0)
+    grads = [jax.jit(jax.grad(loss), static_argnums=1)(params, remat) for remat in ("none", "full", "dots_attn")]
+    for other in grads[1:]:
+        for plain, remat in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(other)):
+            # Recomputation may fuse differently, so compare relative to each leaf's gradient scale.
+            scale = float(jnp.abs(plain).max()) + 1e-12
+            np.testing.assert_allclose(np.asarray(remat) / scale, np.asarray(plain) / scale, atol=1e-5, rtol=0)
     assert float(jnp.abs(grads[0]["blocks"]["attn"]["qkv"]["weight"]).max()) > 0
+
+
+def test_dots_attn_policy_saves_the_cudnn_attention_forward():
+    """The "dots_attn" remat policy recognises jax's cuDNN flash-attention forward primitives by name
+    (they only trace on a GPU, so the name is what this CPU test can pin)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+    from jaxrl_vl.models.layers import REMAT_POLICIES
+
+    policy = REMAT_POLICIES["dots_attn"]
+    for prim in (cudnn_attention._dot_product_attention_fwd_p, cudnn_attention._dot_product_attention_fwd_p_wrapper):
+        assert policy(prim) is True
+    assert policy(cudnn_attention._dot_product_attention_bwd_p_wrapper) is False
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import json
 import os
 
 import httpx
+import numpy as np
 import pytest
 
 os.environ.setdefault("TINKER_TELEMETRY", "0")
@@ -167,6 +168,30 @@ def test_body_over_limit_gets_413(http):
     assert http.post("/create_session", json={}).status_code == 200
 
 
+def test_saved_optimizer_state_loads_back_bitwise(server):
+    """save_state -> load_state(with optimizer) restores the LoRA tree, the AdamW state (same optax
+    NamedTuple structure, every array bitwise) and the step, through the non-executable format."""
+    import jax
+
+    _, service = server
+    backend = service.backend
+    model = backend.create_model("bitwise:train:0", "bitwise", {"rank": 2})
+    rng = np.random.default_rng(0)
+    randomize = lambda tree: jax.tree_util.tree_map(  # noqa: E731 - non-trivial values of each leaf's dtype
+        lambda x: np.asarray(rng.standard_normal(np.shape(x)) * 7, dtype=np.asarray(x).dtype), tree)
+    model.lora, model.opt_state, model.step = randomize(model.lora), randomize(model.opt_state), 5
+    saved_lora, saved_opt = jax.device_get(model.lora), jax.device_get(model.opt_state)
+    path = backend.save_state(model.model_id, "bitwise")
+    model.lora, model.opt_state, model.step = randomize(model.lora), randomize(model.opt_state), 0
+    backend.load_state(model.model_id, parse_tinker_path(path), with_optimizer=True)
+    assert model.step == 5
+    for saved, loaded in ((saved_lora, model.lora), (saved_opt, model.opt_state)):
+        assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(saved)
+        for a, b in zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(loaded)):
+            b = np.asarray(b)
+            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
 def test_api_key_is_compared_in_constant_time(server):
     thread, _ = server
     source = inspect.getsource(tinker_app.create_app)
@@ -209,7 +234,7 @@ def test_checkpoint_paths_cannot_escape_storage(http, model, server, tmp_path):
     # a symlink inside the store that points outside is refused, for reads and deletes
     outside = tmp_path / "outside"
     outside.mkdir()
-    (outside / "state.pkl").write_bytes(b"not for you")
+    (outside / "state.msgpack").write_bytes(b"not for you")
     store = CheckpointStore(str(tmp_path / "store"))
     os.makedirs(os.path.join(store.root, "m", "weights"))
     os.symlink(outside, os.path.join(store.root, "m", "weights", "link"))
@@ -217,7 +242,7 @@ def test_checkpoint_paths_cannot_escape_storage(http, model, server, tmp_path):
     for action in (store.load_state, store.delete, store.sampler_dir):
         with pytest.raises(UserError):
             action(cp)
-    assert (outside / "state.pkl").read_bytes() == b"not for you"
+    assert (outside / "state.msgpack").read_bytes() == b"not for you"
     for encoded in ("weights/..%2F..%2F..%2Fx", "weights/%2E%2E", "..%2F..%2Fweights%2Fx"):  # %-encoded so the
         # client does not normalize the dots away; the server decodes them into the path parameter
         response = http.delete(f"/training_runs/{model_id}/checkpoints/{encoded}")
@@ -253,3 +278,45 @@ def test_concurrent_clients_get_every_future_once(server, model):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         all_ids = [i for ids in pool.map(client_run, range(8)) for i in ids]
     assert len(all_ids) == 40 and len(set(all_ids)) == 40
+
+
+def test_launcher_max_body_bytes_flag_sets_the_limit(tiny_model_dir, tmp_path):
+    """`launch/tinker_server.py --max-body-bytes N` answers 413 above N bytes and serves below it."""
+    import subprocess
+    import sys
+    import time
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    port = free_loopback_port()
+    log_path = tmp_path / "tinker_server.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen([sys.executable, os.path.join(repo, "launch", "tinker_server.py"),
+                                    "--base-model", tiny_model_dir, "--no-vllm", "--port", str(port),
+                                    "--storage-root", str(tmp_path / "store"), "--max-body-bytes", "3000"],
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/api/v1"
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        small = {"session_id": "s", "tags": ["x" * 1000]}
+        large = {"session_id": "s", "tags": ["x" * 4000]}
+        assert httpx.post(f"{url}/create_session", json=small, timeout=TIMEOUT).status_code == 200
+        response = httpx.post(f"{url}/create_session", json=large, timeout=TIMEOUT)
+        assert response.status_code == 413 and "3000" in response.json()["detail"], response.text
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tinker_server_launch", os.path.join(repo, "launch", "tinker_server.py"))
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    with pytest.raises(SystemExit):  # argparse refuses a non-positive limit
+        launcher.parse_args(["--base-model", tiny_model_dir, "--max-body-bytes", "0"])

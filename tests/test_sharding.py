@@ -29,6 +29,7 @@ SHARDED_CHECK = textwrap.dedent(r'''
     from jaxrl_vl.losses import chunked_token_logprobs, cross_entropy_loss
     from jaxrl_vl.models import lora as lora_lib
     from jaxrl_vl.models.config import ModelConfig
+    from jaxrl_vl.models.vision import apply_vision
 
     assert jax.device_count() == 8, jax.devices()
     hf = {"model_type": "qwen3_vl", "tie_word_embeddings": False, "image_token_id": 250,
@@ -87,6 +88,17 @@ SHARDED_CHECK = textwrap.dedent(r'''
         grad_fn, in_shardings=(p_shard, l_shard, b_shard),
         out_shardings=(sharding.replicated(mesh), (p_shard, l_shard)))(sp, sl, sb)
 
+    # Per-device FLOPs of the vision tower alone: the slot axis is split 4 ways (data x fsdp) on top of
+    # the tensor split, so each device runs ~1/8 of it (replicated slots would give ~0.36).
+    vision = lambda p, b: apply_vision(
+        p["model"]["visual"], config.vision, b["pixel_values"],
+        {k: v for k, v in b.items() if k.startswith("vision_")})[0]
+    def flops(compiled):
+        analysis = compiled.cost_analysis()
+        return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+    vision_flops_ratio = (flops(jax.jit(vision).lower(sp, sb).compile())
+                          / flops(jax.jit(vision).lower(params, batch).compile()))
+
     real = np.asarray(batch["segment_ids"]) > 0
     spec_list = lambda spec: [list(a) if isinstance(a, tuple) else a for a in spec]
     diff = lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
@@ -105,6 +117,8 @@ SHARDED_CHECK = textwrap.dedent(r'''
         "input_ids_spec": spec_list(sb["input_ids"].sharding.spec),
         "position_ids_spec": spec_list(sb["position_ids"].sharding.spec),
         "pixel_values_spec": spec_list(sb["pixel_values"].sharding.spec),
+        "vision_slot_patches_spec": spec_list(sb["vision_slot_patches"].sharding.spec),
+        "vision_flops_ratio": vision_flops_ratio,
     }))
 ''')
 
@@ -141,6 +155,9 @@ def test_params_and_batch_are_actually_split(sharded_result):
     assert r["input_ids_spec"] == [["data", "fsdp"]]
     assert r["position_ids_spec"] == [None, ["data", "fsdp"]]
     assert r["pixel_values_spec"] == []
+    # 5 frames -> 8 vision slots, split over data x fsdp: the vision compute is split, not replicated
+    assert r["vision_slot_patches_spec"] == [["data", "fsdp"]]
+    assert r["vision_flops_ratio"] < 0.25, r
 
 
 # ---------------------------------------------------------------- rules (no devices needed)

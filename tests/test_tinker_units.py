@@ -60,13 +60,45 @@ def test_tinker_paths_reject_escapes(tmp_path):
         with pytest.raises(UserError):
             parse_tinker_path(bad)
     store = CheckpointStore(str(tmp_path))
-    path = store.save_state(cp, {"step": 3, "lora": {"a": np.ones(2)}})
-    assert store.load_state(parse_tinker_path(path))["step"] == 3
+    path = store.save_state(cp, {"lora": {"a": np.ones(2)}}, {"step": 3})
+    trees, info = store.load_state(parse_tinker_path(path))
+    assert info["step"] == 3 and trees["lora"]["a"].tolist() == [1.0, 1.0]
     with pytest.raises(UserError, match="does not exist"):
         store.load_state(parse_tinker_path("tinker://sess-1:train:0/weights/other"))
     assert [m["tinker_path"] for m in store.list("sess-1:train:0")] == [path]
     store.delete(cp)
     assert store.list("sess-1:train:0") == []
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")  # unpickling creates the marker file
+
+
+def test_state_storage_never_unpickles(tmp_path):
+    """A pickle payload in the state file (or a legacy state.pkl) is refused with a UserError and
+    its code never runs; the same bytes given to pickle.loads would run it."""
+    import os
+    import pickle
+
+    from jaxrl_vl.tinker import storage
+
+    store = CheckpointStore(str(tmp_path / "store"))
+    marker = tmp_path / "code_ran"
+    payload = pickle.dumps({"trees": _RunsCodeWhenUnpickled(str(marker)), "info_json": "{}"})
+    for file_name, message in ((storage.STATE_FILE, "corrupt or not a saved training state"),
+                               (storage.LEGACY_PICKLE_FILE, "old pickle format")):
+        cp = parse_tinker_path(f"tinker://m/weights/{file_name.replace('.', '_')}")
+        os.makedirs(store.folder(cp))
+        (tmp_path / "store" / "m" / "weights" / cp.name / file_name).write_bytes(payload)
+        with pytest.raises(UserError, match=message):
+            store.load_state(cp)
+    assert not marker.exists()
+    pickle.loads(payload)  # the payload is live: the refusal above is what kept it from running
+    assert marker.exists()
 
 
 def test_forward_backward_proto_roundtrip():

@@ -32,6 +32,9 @@ for name in ${RUNS:-2b_1gpu 2b_fsdp2 8b_lora}; do
     2b_1gpu_breakdown) CUDA_VISIBLE_DEVICES=0 run $name ${T:-90} $TWO_B --batch-size 2 --remat dots \
       --skip-torch --breakdown ;;
     2b_1gpu_remat_none) CUDA_VISIBLE_DEVICES=0 run $name ${T:-90} $TWO_B --batch-size 2 --remat none --skip-torch ;;
+    # dots + the cuDNN attention forward saved (the backward does not re-run flash attention)
+    2b_1gpu_dots_attn) CUDA_VISIBLE_DEVICES=0 run $name ${T:-90} $TWO_B --batch-size 2 --remat dots_attn --skip-torch \
+      --breakdown ;;
     2b_1gpu_b4) CUDA_VISIBLE_DEVICES=0 run $name ${T:-90} $TWO_B --batch-size 4 --remat dots --skip-torch ;;
     # FSDP over two GPUs, 2 rows per GPU (compare with 2b_1gpu*)
     2b_fsdp2) XLA_FLAGS=$LHS run $name ${T:-120} $TWO_B --batch-size 4 --remat dots --mesh 2 --skip-torch ;;
@@ -46,6 +49,6 @@ import json, pathlib, sys
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     d = json.loads(f.read_text()); j = d["jax"]; t = d.get("torch", {})
     print(f"{f.stem}: gpus {d['gpus']} B {d['batch_size']} remat {d['remat']} jax {j.get('tokens_per_s', 0):.0f} tok/s mfu {j.get('mfu', 0):.3f} "
-          f"peak {j.get('peak_memory_gib', 0):.1f}GiB compile {j.get('compile_s', 0):.0f}s vision {j.get('vision_fwd_bwd_s', 0):.3f}s attn {j.get('attention_used')} | "
+          f"peak {j.get('peak_memory_gib', 0):.1f}GiB compile {j.get('compile_s', 0):.0f}s vision {j.get('vision_fwd_bwd_s', 0):.3f}s slots {j.get('vision_slots')} attn {j.get('attention_used')} | "
           f"torch {t.get('tokens_per_s', 0):.0f} tok/s mfu {t.get('mfu', 0):.3f} | x{d.get('speedup_vs_torch', 0):.2f}")
 EOF

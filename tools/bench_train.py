@@ -45,8 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=448, help="square images, pixels per side")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (rank --lora-rank) only")
     p.add_argument("--lora-rank", type=int, default=32)
-    p.add_argument("--remat", default="dots", choices=("none", "dots", "full"),
-                   help="per-layer rematerialisation: none, dots (save matmul outputs), full (save nothing)")
+    p.add_argument("--remat", default="dots", choices=("none", "dots_attn", "dots", "full"),
+                   help="per-layer rematerialisation (models.layers.REMAT_POLICIES): none (save everything), "
+                        "dots_attn (save matmul outputs and the cuDNN attention forward), dots (save matmul "
+                        "outputs), full (save only each layer's input)")
     p.add_argument("--attention", default="cudnn_causal", choices=("auto", "xla", "cudnn", "cudnn_causal"),
                    help="text attention (models.text.ATTENTION_IMPLS); cudnn_causal needs unpacked rows, "
                         "which this benchmark's rows are")
@@ -210,6 +212,9 @@ def run_jax(args, config, rows) -> dict:
                              else jax.device_put(a, sharding.replicated(mesh)), opt_state)
     batch = models.make_batch(rows, config, pad_to_length=args.seq_len)
     batch = {k: v for k, v in batch.items() if k != "image_grid_thw"}  # host-side only
+    # The vision tower runs on [slots, slot_len] (one frame per slot; models.vision_inputs), split over
+    # the FSDP devices when they divide the slot count.
+    vision_slots = list(np.shape(batch["vision_slot_patches"])) if "vision_slot_patches" in batch else None
     batch = sharding.shard_batch(batch, mesh)
     jax.block_until_ready((trainable, opt_state, batch))
     init_s = time.perf_counter() - started
@@ -247,7 +252,7 @@ def run_jax(args, config, rows) -> dict:
     extra = {}
     if args.breakdown and not args.lora:
         extra = time_vision_tower(trainable["model"]["visual"], config, batch, args.remat)
-    return {**extra, "step_s": float(np.median(step_times)), "step_s_all": step_times, "compile_s": compile_s,
+    return {**extra, "vision_slots": vision_slots, "step_s": float(np.median(step_times)), "step_s_all": step_times, "compile_s": compile_s,
             "init_s": init_s, "attention_used": attention, "compile_errors": errors, "peak_memory_gib": peak / 2**30, "loss_first_last": [losses[0], losses[-1]],
             "num_params": models.num_params(params),
             "num_trainable": models.num_params(trainable), "devices": [d.device_kind for d in devices]}

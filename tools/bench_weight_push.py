@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Weight-push benchmark: push time per transport vs one safetensors write to /dev/shm.
 
-    python tools/bench_weight_push.py --model DIR [--repeats 5]
+    python tools/bench_weight_push.py --model DIR [--repeats 5] [--warmup 1]
 
-Starts a CPU vLLM server on the checkpoint, pushes the checkpoint's own params `--repeats` times
-(versions 1..N) with each implemented transport, and in the same run times writing the same
-tensors once to /dev/shm with safetensors (the floor: one copy). Prints JSON with median seconds
-and the ratio push / write (target: <= 2 for the `small` model), for the `reload` transport
-(/dev/shm + vLLM reload) and the `stream` transport (HTTP chunks into our vLLM backend).
+Starts a CPU vLLM server on the checkpoint and, in rounds, times (a) writing the checkpoint's own
+params once to a fresh folder on /dev/shm with safetensors (the floor: one copy), (b) a push with the
+`reload` transport (that write + vLLM reload), (c) a push with the `stream` transport (HTTP into our
+vLLM plugin). Rounds interleave the three so that load from other processes hits them alike; the
+first `--warmup` rounds are not counted. Prints JSON with the medians, the ratio push / write
+(target: <= 2 for the `small` model) and each transport's median seconds per phase
+(PushResult.phase_seconds: client-side checksum/send, server-side pause/load/version/resume).
 """
 import argparse
 import asyncio
@@ -22,21 +24,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxrl_vl.rollout.client import VLLMClient  # noqa: E402
 from jaxrl_vl.rollout.server import ServerConfig, start_server, stop_server  # noqa: E402
-from jaxrl_vl.rollout.weight_push import push_state_dict, write_weights  # noqa: E402
+from jaxrl_vl.rollout.weight_push import TRANSPORTS, push_state_dict, write_weights  # noqa: E402
 
 
-def time_write_seconds(state: dict, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        folder = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="jaxrl_vl_bench_"))
-        try:
-            times.append(write_weights(state, folder)[1])
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-    return statistics.median(times)
+def time_write_seconds(state: dict) -> float:
+    folder = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="jaxrl_vl_bench_"))
+    try:
+        return write_weights(state, folder)[1]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def run(model_dir: str, repeats: int, dtype: str) -> dict:
+def _median_phases(runs) -> dict:
+    phases = sorted({phase for r in runs for phase in r.phase_seconds})
+    return {p: round(statistics.median(r.phase_seconds.get(p, 0.0) for r in runs), 5) for p in phases}
+
+
+def run(model_dir: str, repeats: int, warmup: int, dtype: str) -> dict:
     from jaxrl_vl.models import load, to_hf_state_dict
 
     config, params = load(model_dir)
@@ -44,33 +48,42 @@ def run(model_dir: str, repeats: int, dtype: str) -> dict:
     num_bytes = sum(v.nbytes for v in state.values())
     handle = start_server(ServerConfig(model=model_dir, served_model_name="policy", dtype=dtype,
                                        weight_transfer_backend="jaxrl_stream"))
+    writes, pushes = [], {t: [] for t in TRANSPORTS}
     try:
-        async def pushes(transport):
+        async def rounds():
             async with VLLMClient(handle.url, "policy") as client:
-                return [await push_state_dict(state, [client], version=v, transport=transport)
-                        for v in range(1, repeats + 1)]
+                for round_index in range(warmup + repeats):
+                    write_seconds = time_write_seconds(state)
+                    results = {t: await push_state_dict(state, [client], version=round_index, transport=t)
+                               for t in TRANSPORTS}
+                    if round_index >= warmup:
+                        writes.append(write_seconds)
+                        for t, result in results.items():
+                            pushes[t].append(result)
 
-        results = {t: asyncio.run(pushes(t)) for t in ("reload", "stream")}
+        asyncio.run(rounds())
     finally:
         stop_server(handle)
-    write_seconds = time_write_seconds(state, repeats)
+    write_seconds = statistics.median(writes)
     transports = {}
-    for transport, runs in results.items():
+    for transport, runs in pushes.items():
         push_seconds = statistics.median(r.total_seconds for r in runs)
         transports[transport] = {"push_seconds": round(push_seconds, 5),
-                                 "server_seconds": round(statistics.median(r.reload_seconds for r in runs), 5),
-                                 "ratio_to_write": round(push_seconds / write_seconds, 2)}
-    return {"arch": config.arch, "num_bytes": num_bytes, "repeats": repeats, "server_dtype": dtype,
-            "write_shm_seconds": round(write_seconds, 5), "transports": transports}
+                                 "ratio_to_write": round(push_seconds / write_seconds, 2),
+                                 "trainer_write_seconds": round(statistics.median(r.write_seconds for r in runs), 5),
+                                 "phases": _median_phases(runs)}
+    return {"arch": config.arch, "num_bytes": num_bytes, "repeats": repeats, "warmup": warmup,
+            "server_dtype": dtype, "write_shm_seconds": round(write_seconds, 5), "transports": transports}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="local HF checkpoint folder")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="vLLM server dtype")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.model, args.repeats, args.dtype)))
+    print(json.dumps(run(args.model, args.repeats, args.warmup, args.dtype)))
     return 0
 
 

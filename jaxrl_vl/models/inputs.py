@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxrl_vl.models.config import ModelConfig
 from jaxrl_vl.models.rope import mrope_position_ids
-from jaxrl_vl.models.vision_inputs import vision_inputs
+from jaxrl_vl.models.vision_inputs import SlotShape, vision_inputs
 
 _RESERVED = ("input_ids", "pixel_values", "image_grid_thw", "segment_ids")
 
@@ -63,12 +63,15 @@ def _check_row(i: int, row: dict, config: ModelConfig) -> tuple[np.ndarray, np.n
 
 
 def make_batch(rows: list[dict], config: ModelConfig, pad_to_length: int | None = None,
-               pad_patches_to: int | None = None, pad_id: int | None = None) -> dict[str, np.ndarray]:
+               pad_patches_to: int | None = None, pad_id: int | None = None,
+               vision_slots: SlotShape | None = None) -> dict[str, np.ndarray]:
     """Collate rows (see module doc) into one right-padded batch.
 
     pad_to_length: L (default: the longest row). pad_patches_to: P (default: total real patches, rounded
     up to a multiple of merge**2); with it set, pixel arrays are present even for text-only batches so
     jitted shapes stay fixed. pad_id: token used for padding (default config.pad_token_id, else 0).
+    vision_slots: the vision tower's slot layout shape (default: bucketed from this batch's images);
+    batches that will be stacked need one shared `vision_inputs.slot_shape(config.vision, *grids)`.
     """
     if not rows:
         raise ValueError("make_batch: rows is empty")
@@ -114,7 +117,7 @@ def make_batch(rows: list[dict], config: ModelConfig, pad_to_length: int | None 
             pixels[:real_patches] = np.concatenate(pixel_list, axis=0)
         out["pixel_values"] = pixels
         out["image_grid_thw"] = grid
-        out.update(vision_inputs(config.vision, grid, num_patches))
+        out.update(vision_inputs(config.vision, grid, num_patches, vision_slots))
     out.update(_collate_extras(rows, lengths, length))
     return out
 

@@ -60,3 +60,32 @@ def activation(name: str):
     if name not in table:
         raise ValueError(f"unsupported hidden_act {name!r}; supported: {sorted(table)}")
     return table[name]
+
+
+def _save_dots_and_attention(prim, *args, **params) -> bool:
+    """dots_with_no_batch_dims_saveable, plus the outputs of cuDNN's flash-attention forward (the
+    attention output and its softmax statistics: O(L) per head), so the backward pass does not re-run
+    the attention forward. The XLA attention is made of batched dots and is recomputed as with "dots"."""
+    return (prim.name.startswith("dot_product_attention_fwd")
+            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
+
+
+# Per-layer rematerialisation (jax.checkpoint policy of each scanned block), memory high -> low:
+#   none       save everything (no recompute)
+#   dots_attn  save matmul outputs and the cuDNN attention forward: recompute only elementwise ops
+#   dots       save matmul outputs: recompute elementwise ops and attention
+#   full       save only the block inputs: recompute the whole block
+REMAT_POLICIES = {
+    "none": None,
+    "dots_attn": _save_dots_and_attention,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat(fn, name: str):
+    """fn wrapped in jax.checkpoint with the REMAT_POLICIES[name] policy ("none": fn unchanged)."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={name!r} is not one of {list(REMAT_POLICIES)}")
+    return fn if name == "none" else jax.checkpoint(fn, policy=REMAT_POLICIES[name])
+

@@ -12,11 +12,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxrl_vl.models import layers
 from jaxrl_vl.models.config import TextConfig
 from jaxrl_vl.models.layers import activation, linear, rms_norm
 from jaxrl_vl.models.rope import apply_rotary, rotary_cos_sin
 
-REMAT_POLICIES = ("none", "full", "dots")
 # "auto": cuDNN flash attention on GPU for bf16/fp16 (takes the packing mask as a bias, never builds the
 #   [B, heads, L, L] logits), XLA otherwise.  "xla" / "cudnn": force one.  "cudnn_causal": cuDNN's built-in
 #   causal + padding mask with no bias at all (fastest), ONLY valid for unpacked rows (segment ids 1 on real
@@ -86,16 +86,6 @@ def decoder_layer(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask, c
     return x + linear(mlp["down_proj"], gated, dtype)
 
 
-def _remat(fn, remat: str):
-    if remat == "none":
-        return fn
-    if remat == "full":
-        return jax.checkpoint(fn)
-    if remat == "dots":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    raise ValueError(f"remat={remat!r} is not one of {REMAT_POLICIES}")
-
-
 def decoder(params: dict, inputs_embeds: jax.Array, position_ids: jax.Array, segment_ids: jax.Array,
             cfg: TextConfig, *, dtype=jnp.float32, remat: str = "none",
             deepstack_embeds: jax.Array | None = None, attention: str = "auto") -> jax.Array:
@@ -130,6 +120,6 @@ def decoder(params: dict, inputs_embeds: jax.Array, position_ids: jax.Array, seg
             x = x + jnp.where(layer_index < num_deepstack, extra, jnp.zeros_like(extra))
         return x, None
 
-    layers = (params["layers"], jnp.arange(cfg.num_hidden_layers), jnp.asarray(sliding, bool))
-    x, _ = jax.lax.scan(_remat(body, remat), inputs_embeds.astype(dtype), layers)
+    stacked = (params["layers"], jnp.arange(cfg.num_hidden_layers), jnp.asarray(sliding, bool))
+    x, _ = jax.lax.scan(layers.remat(body, remat), inputs_embeds.astype(dtype), stacked)
     return rms_norm(params["norm"], x, cfg.rms_norm_eps)

@@ -5,10 +5,19 @@
   pixel_values [P, C*T*p*p] (all images' patches concatenated, padded to P),
   vinputs: the `vision_*` arrays from `vision_inputs.vision_inputs` (the model batch dict works too).
 Returns (image_embeds [P//m^2, out_hidden], deepstack_embeds [n_deepstack, P//m^2, out_hidden] | None).
-Rows past the real merged tokens are padding and must be ignored by the caller.
+Rows past the real merged tokens are padding (zeros) and must be ignored by the caller.
 
-Images (and each frame of a video) attend only to themselves through a segment-id mask, so padded
-patches never affect real ones. Blocks run under `jax.lax.scan` over the stacked "blocks" params.
+The whole tower runs in the slot layout of vision_inputs ([N slots, L positions], one frame per slot):
+the patches are gathered into slots once, every block works on [N, L, hidden], attention is one
+batched call over slots with a key-padding length each, and the merged tokens are gathered back to
+processor order at the end. Why the whole tower and not only attention: (1) no gather/scatter per
+layer; (2) with the slot axis split over devices (sharding.batch_shardings does that), every op but
+the first and last gather is local, so FSDP splits the vision compute instead of replicating it;
+(3) the cost of padding positions (slot_len rounded up, empty slots) is bounded by vision_inputs'
+buckets (~12%), less than the power-of-two padding of P that the [P, P] masked attention it
+replaces ran its MLPs on. Qwen2.5-VL's windowed layers gather each slot's windows
+([N, W, Lw], within the slot, so still local) around their attention.
+Blocks run under `jax.lax.scan` over the stacked "blocks" params.
 """
 from __future__ import annotations
 
@@ -18,14 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_vl.models.layers import activation, layer_norm, linear, rms_norm
+from jaxrl_vl.models.layers import remat as remat_block
 from jaxrl_vl.models.vision_inputs import vision_arch
 
 NORM_EPS = 1e-6  # transformers hard-codes eps=1e-6 for every vision norm of both towers.
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 def _rope_theta(vision_config) -> float:
@@ -37,12 +42,12 @@ def _rope_theta(vision_config) -> float:
 
 
 def _rotary_cos_sin(position_ids: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """2-D axial rotary tables [P, head_dim] (fp32): the first half of the rotated pairs use the
+    """2-D axial rotary tables [..., head_dim] (fp32) for position_ids [..., 2]: the first half of the rotated pairs use the
     patch row, the second half the column, with the same head_dim//4 frequencies."""
     spatial_dim = head_dim // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(0, spatial_dim, 2, dtype=jnp.float32) / spatial_dim))
-    freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # [P, 2, head_dim//4]
-    freqs = jnp.concatenate([freqs[:, 0], freqs[:, 1]], axis=-1)
+    freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # [..., 2, head_dim//4]
+    freqs = jnp.concatenate([freqs[..., 0, :], freqs[..., 1, :]], axis=-1)
     freqs = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(freqs), jnp.sin(freqs)
 
@@ -53,44 +58,72 @@ def _rotate_half(x: jax.Array) -> jax.Array:
 
 
 def _attention_implementation(dtype, head_dim: int) -> str | None:
-    """cuDNN flash attention on GPU for bf16/fp16 (it takes the segment mask without materialising
-    [heads, P, P] logits: ~4x faster and ~10x less memory than XLA at P=16k on H100); XLA otherwise."""
+    """cuDNN flash attention on GPU for bf16/fp16 (per-slot key lengths, no mask tensor); XLA otherwise."""
     cudnn_ok = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
                 and head_dim % 8 == 0 and head_dim <= 128)
     return "cudnn" if cudnn_ok else None
 
 
-def _attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array,
+def _take_slots(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [N, L, ...], index [N, K] (positions within each slot; out of range -> zeros) -> [N, K, ...].
+    A gather batched over the slot axis, so it stays local when that axis is split over devices."""
+    index = index.reshape(index.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1, mode="fill", fill_value=0)
+
+
+def _slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, dtype) -> jax.Array:
+    """Bidirectional attention inside each slot over its first `lengths` keys. q/k/v: [S, L, heads, hd]."""
+    head_dim = q.shape[-1]
+    return jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5, key_value_seq_lengths=lengths,
+                                        implementation=_attention_implementation(dtype, head_dim))
+
+
+def _attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, vinputs: dict, windowed,
                num_heads: int, dtype) -> jax.Array:
-    """Bidirectional self-attention restricted to equal segment ids. x: [P, H]; cos/sin: [P, head_dim]."""
-    seq_len, hidden = x.shape
+    """Self-attention within each slot (frame), or within each window of it when `windowed` (a traced
+    bool, Qwen2.5-VL). x: [N, L, H]; cos/sin: [N, L, head_dim]."""
+    num_slots, slot_len, hidden = x.shape
     head_dim = hidden // num_heads
-    qkv = linear(p["qkv"], x, dtype).reshape(seq_len, 3, num_heads, head_dim)
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    qkv = linear(p["qkv"], x, dtype).reshape(num_slots, slot_len, 3, num_heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     # Rotary in fp32, as transformers' apply_rotary_pos_emb_vision does.
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
     q = (q32 * cos + _rotate_half(q32) * sin).astype(dtype)
     k = (k32 * cos + _rotate_half(k32) * sin).astype(dtype)
-    mask = (segment_ids[:, None] == segment_ids[None, :])[None, None]  # [1, 1, P, P]
-    out = jax.nn.dot_product_attention(q[None], k[None], v[None], mask=mask, scale=head_dim ** -0.5,
-                                       implementation=_attention_implementation(dtype, head_dim))
-    return linear(p["proj"], out.reshape(seq_len, hidden), dtype)
+
+    def per_frame(q, k, v):
+        return _slot_attention(q, k, v, vinputs["vision_slot_lengths"], dtype)
+
+    def per_window(q, k, v):
+        index = vinputs["vision_slot_window_index"]  # [N, W, Lw]
+        windows = index.shape[1] * num_slots
+        gather = lambda t: _take_slots(t, index.reshape(num_slots, -1)).reshape(
+            windows, index.shape[2], num_heads, head_dim)
+        out = _slot_attention(gather(q), gather(k), gather(v),
+                              vinputs["vision_slot_window_lengths"].reshape(windows), dtype)
+        return _take_slots(out.reshape(num_slots, -1, num_heads, head_dim), vinputs["vision_slot_window_inverse"])
+
+    if windowed is None:
+        out = per_frame(q, k, v)
+    else:  # only the taken branch runs (the layer type is per scan step)
+        out = jax.lax.cond(windowed, per_window, per_frame, q, k, v)
+    return linear(p["proj"], out.reshape(num_slots, slot_len, hidden), dtype)
 
 
-def _qwen3_block(p: dict, x, cos, sin, segment_ids, vision_config, dtype):
+def _qwen3_block(p: dict, x, cos, sin, vinputs, vision_config, dtype):
     act = activation(vision_config.hidden_act)
     h = layer_norm(p["norm1"], x, NORM_EPS)
-    x = x + _attention(p["attn"], h, cos, sin, segment_ids, int(vision_config.num_heads), dtype)
+    x = x + _attention(p["attn"], h, cos, sin, vinputs, None, int(vision_config.num_heads), dtype)
     h = layer_norm(p["norm2"], x, NORM_EPS)
     mlp = p["mlp"]
     return x + linear(mlp["linear_fc2"], act(linear(mlp["linear_fc1"], h, dtype)), dtype)
 
 
-def _qwen2_5_block(p: dict, x, cos, sin, segment_ids, vision_config, dtype):
+def _qwen2_5_block(p: dict, x, cos, sin, vinputs, windowed, vision_config, dtype):
     act = activation(vision_config.hidden_act)
     h = rms_norm(p["norm1"], x, NORM_EPS)
-    x = x + _attention(p["attn"], h, cos, sin, segment_ids, int(vision_config.num_heads), dtype)
+    x = x + _attention(p["attn"], h, cos, sin, vinputs, windowed, int(vision_config.num_heads), dtype)
     h = rms_norm(p["norm2"], x, NORM_EPS)
     mlp = p["mlp"]
     gated = act(linear(mlp["gate_proj"], h, dtype)) * linear(mlp["up_proj"], h, dtype)
@@ -99,11 +132,7 @@ def _qwen2_5_block(p: dict, x, cos, sin, segment_ids, vision_config, dtype):
 
 def _scan_blocks(block_fn, blocks: dict, x: jax.Array, per_layer, remat: str) -> jax.Array:
     """Run `block_fn(layer_params, x, layer_extra)` over the leading axis of `blocks` (and `per_layer`)."""
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat={remat!r}; choose one of {sorted(REMAT_POLICIES)}")
-    step = lambda carry, layer: (block_fn(layer[0], carry, layer[1]), None)
-    if remat != "none":
-        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat])
+    step = remat_block(lambda carry, layer: (block_fn(layer[0], carry, layer[1]), None), remat)
     x, _ = jax.lax.scan(step, x, (blocks, per_layer))
     return x
 
@@ -119,7 +148,8 @@ def _slice_layers(tree: dict, start: int, stop: int) -> dict:
 
 
 def _qwen3_merger(p: dict, x: jax.Array, merged_dim: int, postshuffle_norm: bool, dtype) -> jax.Array:
-    """Patch merger: LayerNorm (per patch, or over the merged 4H vector for DeepStack), fc1, GELU, fc2."""
+    """Patch merger: LayerNorm (per patch, or over the merged 4H vector for DeepStack), fc1, GELU, fc2.
+    x [N, L, H] -> [N*L//m^2, out]: each run of m^2 slot positions is one merged token."""
     if postshuffle_norm:
         x = layer_norm(p["norm"], x.reshape(-1, merged_dim), NORM_EPS)
     else:
@@ -127,16 +157,20 @@ def _qwen3_merger(p: dict, x: jax.Array, merged_dim: int, postshuffle_norm: bool
     return linear(p["linear_fc2"], activation("gelu")(linear(p["linear_fc1"], x, dtype)), dtype)
 
 
+def _to_processor_order(merged: jax.Array, vinputs: dict) -> jax.Array:
+    """Merged slot rows [..., N*L//m^2, D] -> [..., P//m^2, D] in processor order (padding rows 0)."""
+    return jnp.take(merged, vinputs["vision_merged_rows"], axis=-2, mode="fill", fill_value=0)
+
+
 def _apply_qwen3(params, vision_config, x, vinputs, dtype, remat):
-    weights = vinputs["vision_interp_weights"].astype(jnp.float32)
+    weights = vinputs["vision_slot_interp_weights"].astype(jnp.float32)
     table = params["pos_embed"]["weight"].astype(jnp.float32)
-    pos = jnp.sum(table[vinputs["vision_interp_indices"]] * weights[..., None], axis=1)
+    pos = jnp.sum(table[vinputs["vision_slot_interp_indices"]] * weights[..., None], axis=-2)
     x = x + pos.astype(x.dtype)
 
     head_dim = int(vision_config.hidden_size) // int(vision_config.num_heads)
-    cos, sin = _rotary_cos_sin(vinputs["vision_position_ids"], head_dim, _rope_theta(vision_config))
-    segment_ids = vinputs["vision_segment_ids"]
-    block_fn = lambda p, h, _: _qwen3_block(p, h, cos, sin, segment_ids, vision_config, dtype)
+    cos, sin = _rotary_cos_sin(vinputs["vision_slot_positions"], head_dim, _rope_theta(vision_config))
+    block_fn = lambda p, h, _: _qwen3_block(p, h, cos, sin, vinputs, vision_config, dtype)
 
     depth = int(vision_config.depth)
     merged_dim = int(vision_config.hidden_size) * int(vision_config.spatial_merge_size) ** 2
@@ -153,33 +187,23 @@ def _apply_qwen3(params, vision_config, x, vinputs, dtype, remat):
         if k < len(deepstack_indexes):
             merger_k = jax.tree_util.tree_map(lambda a: a[k], params["deepstack_merger_list"])
             deepstack.append(_qwen3_merger(merger_k, x, merged_dim, True, dtype))
-    image_embeds = _qwen3_merger(params["merger"], x, merged_dim, False, dtype)
-    return image_embeds, (jnp.stack(deepstack) if deepstack else None)
+    image_embeds = _to_processor_order(_qwen3_merger(params["merger"], x, merged_dim, False, dtype), vinputs)
+    return image_embeds, (_to_processor_order(jnp.stack(deepstack), vinputs) if deepstack else None)
 
 
 def _apply_qwen2_5(params, vision_config, x, vinputs, dtype, remat):
-    # Blocks see patches in window order (each window contiguous); images stay contiguous in it.
-    order = vinputs["vision_window_order"]
-    x = x[order]
     head_dim = int(vision_config.hidden_size) // int(vision_config.num_heads)
-    cos, sin = _rotary_cos_sin(vinputs["vision_position_ids"][order], head_dim, _rope_theta(vision_config))
-    full_segment_ids = vinputs["vision_segment_ids"][order]
-    window_segment_ids = vinputs["vision_window_segment_ids"]
-
+    cos, sin = _rotary_cos_sin(vinputs["vision_slot_positions"], head_dim, _rope_theta(vision_config))
     depth = int(vision_config.depth)
     full_indexes = [int(i) for i in vision_config.fullatt_block_indexes]
-    is_full = jnp.asarray([i in full_indexes for i in range(depth)])
-
-    def block_fn(p, h, full):
-        segment_ids = jnp.where(full, full_segment_ids, window_segment_ids)
-        return _qwen2_5_block(p, h, cos, sin, segment_ids, vision_config, dtype)
-
-    x = _scan_blocks(block_fn, params["blocks"], x, is_full, remat)
+    windowed = jnp.asarray([i not in full_indexes for i in range(depth)])
+    block_fn = lambda p, h, is_windowed: _qwen2_5_block(p, h, cos, sin, vinputs, is_windowed, vision_config, dtype)
+    x = _scan_blocks(block_fn, params["blocks"], x, windowed, remat)
     merger = params["merger"]
     merged_dim = int(vision_config.hidden_size) * int(vision_config.spatial_merge_size) ** 2
     h = rms_norm(merger["ln_q"], x, NORM_EPS).reshape(-1, merged_dim)
     h = linear(merger["mlp"]["2"], activation("gelu")(linear(merger["mlp"]["0"], h, dtype)), dtype)
-    return h[vinputs["vision_merged_inverse_order"]], None
+    return _to_processor_order(h, vinputs), None
 
 
 def apply_vision(params_visual: dict, vision_config, pixel_values: jax.Array, vinputs: dict,
@@ -188,7 +212,7 @@ def apply_vision(params_visual: dict, vision_config, pixel_values: jax.Array, vi
 
     Returns image_embeds [P//m^2, out_hidden] in `dtype` and, for Qwen3-VL, deepstack_embeds
     [len(deepstack_visual_indexes), P//m^2, out_hidden] (None for Qwen2.5-VL).
-    remat: "none" | "full" | "dots" (jax.checkpoint policy applied per block).
+    remat: a layers.REMAT_POLICIES name (jax.checkpoint policy applied per block).
     """
     arch = vision_arch(vision_config)
     patch_dim = (int(vision_config.in_channels) * int(vision_config.temporal_patch_size)
@@ -198,19 +222,23 @@ def apply_vision(params_visual: dict, vision_config, pixel_values: jax.Array, vi
             f"pixel_values must be [num_patches, in_channels*temporal_patch_size*patch_size**2={patch_dim}], "
             f"got {tuple(pixel_values.shape)}"
         )
-    required = ["vision_segment_ids", "vision_position_ids"] + (
-        ["vision_interp_indices", "vision_interp_weights"] if arch == "qwen3_vl"
-        else ["vision_window_order", "vision_window_segment_ids", "vision_merged_inverse_order"])
+    required = ["vision_slot_patches", "vision_slot_lengths", "vision_slot_positions", "vision_merged_rows"] + (
+        ["vision_slot_interp_indices", "vision_slot_interp_weights"] if arch == "qwen3_vl"
+        else ["vision_slot_window_index", "vision_slot_window_lengths", "vision_slot_window_inverse"])
     missing = [key for key in required if key not in vinputs]
     if missing:
         raise ValueError(f"vinputs lacks {missing} for arch={arch}; build it with "
                          "jaxrl_vl.models.vision_inputs.vision_inputs(vision_config, grid_thw, num_patches)")
-    if vinputs["vision_segment_ids"].shape[0] != pixel_values.shape[0]:
+    unit = int(vision_config.spatial_merge_size) ** 2
+    if vinputs["vision_merged_rows"].shape[0] * unit != pixel_values.shape[0]:
         raise ValueError(
-            f"vision_segment_ids has {vinputs['vision_segment_ids'].shape[0]} patches but pixel_values has "
-            f"{pixel_values.shape[0]}; build vinputs with num_patches_padded=pixel_values.shape[0]"
+            f"vision_merged_rows covers {vinputs['vision_merged_rows'].shape[0] * unit} patches but pixel_values "
+            f"has {pixel_values.shape[0]}; build vinputs with num_patches_padded=pixel_values.shape[0]"
         )
-    x = _patch_embed(params_visual["patch_embed"]["proj"], pixel_values, dtype)
+    # Gather the pixel rows into slots first (padding positions read zeros), then embed: the patch
+    # embedding then runs on the slot layout too, split over devices with the slots.
+    slot_pixels = jnp.take(pixel_values, vinputs["vision_slot_patches"], axis=0, mode="fill", fill_value=0)
+    x = _patch_embed(params_visual["patch_embed"]["proj"], slot_pixels, dtype)
     if arch == "qwen3_vl":
         return _apply_qwen3(params_visual, vision_config, x, vinputs, dtype, remat)
     return _apply_qwen2_5(params_visual, vision_config, x, vinputs, dtype, remat)

@@ -1,31 +1,64 @@
 """Host-side (numpy) metadata for the Qwen-VL vision towers, computed from `grid_thw`.
 
-Everything data-dependent about the vision tower (which patches belong to which image, rotary
-positions, position-embedding interpolation taps, Qwen2.5-VL window ordering) is computed here once
-per batch, so the jitted tower sees only fixed-shape arrays of length `num_patches_padded` (P).
+Everything data-dependent about the vision tower (which patches belong to which frame, rotary
+positions, position-embedding interpolation taps, Qwen2.5-VL windows) is computed here once per
+batch, so the jitted tower sees only fixed-shape arrays.
 
-Patch order is the processor's: per image, per frame, patches are laid out block-major over the
-spatial-merge blocks (block_row, block_col, in_row, in_col), so each run of merge**2 consecutive
-patches forms one merged (LLM) token. Padding patches sit after all real patches.
+Patch order of `pixel_values` is the processor's: per image, per frame, patches are laid out
+block-major over the spatial-merge blocks (block_row, block_col, in_row, in_col), so each run of
+merge**2 consecutive patches forms one merged (LLM) token. Padding patches sit after all real ones.
 
-Keys (all prefixed `vision_` so they can be merged into the model batch dict):
-  vision_segment_ids   int32 [P]      attention segment per patch: 1.. one per frame of each image
-                                      (transformers' cu_seqlens splits per frame), 0 = padding.
-  vision_position_ids  int32 [P, 2]   rotary (row, col) of each patch within its frame.
+Slot layout. Attention never crosses a frame, so the tower runs on a [num_slots, slot_len] grid
+(`SlotShape`): frame n of the batch (images in order, frames in order) fills row n from position 0,
+the rest of the row is padding, and extra rows are empty. Attention is then one batched call over
+slots with a key-padding length per slot (cost sum(slot_len^2) instead of num_patches^2 for one
+masked attention over every patch), and the slot axis can be split over devices with every op local.
+Slot shapes are bucketed (`bucket_size`) so few distinct shapes reach jit.
+
+Keys (all prefixed `vision_` so they can be merged into the model batch dict; `vision_slot_*` arrays
+have the slot axis first):
+  vision_slot_patches    int32 [N, L]     pixel_values row of each slot position; P (= num_patches_padded,
+                                          out of range) for padding positions.
+  vision_slot_lengths    int32 [N]        real patches per slot (empty slots: 1, a zero padding patch,
+                                          so no attention row is fully masked).
+  vision_slot_positions  int32 [N, L, 2]  rotary (row, col) of each patch within its frame.
+  vision_merged_rows     int32 [P//m^2]   per merged token in processor order: its row in the tower's
+                                          merged output [N*L//m^2]; N*L//m^2 (out of range) for padding.
   qwen3_vl:
-  vision_interp_indices int32 [P, 4]  bilinear taps into the flattened learned pos-embed grid.
-  vision_interp_weights float32 [P, 4] their weights (0 for padding).
-  qwen2_5_vl:
-  vision_window_order        int32 [P]        windowed position -> original patch index.
-  vision_window_segment_ids  int32 [P]        window id (1..) of each windowed position, 0 = padding.
-  vision_merged_inverse_order int32 [P//m^2]  original merged token -> its windowed position
-                                              (argsort of the merged-level window order).
+  vision_slot_interp_indices int32 [N, L, 4]    bilinear taps into the flattened learned pos-embed grid.
+  vision_slot_interp_weights float32 [N, L, 4]  their weights (0 for padding).
+  qwen2_5_vl (windowed layers attend within windows of `window_size` pixels, W windows per slot of
+  Lw = (window_size // patch_size)**2 patches):
+  vision_slot_window_index   int32 [N, W, Lw] slot position of each window position; L for padding.
+  vision_slot_window_lengths int32 [N, W]     real patches per window (1 for empty windows).
+  vision_slot_window_inverse int32 [N, L]     window position (w*Lw + i) of each slot position; W*Lw
+                                              for padding.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
 ARCHS = ("qwen3_vl", "qwen2_5_vl")
+
+
+class SlotShape(NamedTuple):
+    """Static shape of the vision slot layout (see the module docstring)."""
+    num_slots: int
+    slot_len: int
+    windows_per_slot: int = 0  # qwen2_5_vl only
+
+
+def bucket_size(n: int) -> int:
+    """n rounded up to a power of two when <= 8, else to a multiple of max(8, 2**(floor(log2 n) - 3)):
+    at most ~12% padding, eight sizes per octave, and multiples of 8 (splittable over 2/4/8 devices)
+    from 8 on."""
+    n = max(int(n), 1)
+    if n <= 8:
+        return 1 << (n - 1).bit_length()
+    step = max(8, 1 << (n.bit_length() - 4))
+    return -(-n // step) * step
 
 
 def vision_arch(vision_config) -> str:
@@ -70,8 +103,39 @@ def _check_grid(vision_config, grid_thw: np.ndarray, num_patches_padded: int) ->
     return grid_thw
 
 
-def _patch_rows_cols(grid_thw: np.ndarray, merge: int) -> tuple[np.ndarray, ...]:
-    """Per real patch: (row, col, frame segment 1.., frame height, frame width), block-major order."""
+def _window_side(vision_config) -> int:
+    merge = int(vision_config.spatial_merge_size)
+    side = int(vision_config.window_size) // merge // int(vision_config.patch_size)
+    if side < 1:
+        raise ValueError(
+            f"window_size={vision_config.window_size} must be >= spatial_merge_size*patch_size="
+            f"{merge * int(vision_config.patch_size)}"
+        )
+    return side
+
+
+def _windows_per_frame(grid_thw: np.ndarray, vision_config) -> np.ndarray:
+    merge, side = int(vision_config.spatial_merge_size), _window_side(vision_config)
+    return -(-(grid_thw[:, 1] // merge) // side) * -(-(grid_thw[:, 2] // merge) // side)
+
+
+def slot_shape(vision_config, *grids_thw: np.ndarray) -> SlotShape:
+    """The bucketed SlotShape that fits each of `grids_thw` (one [n, 3] grid per batch; pass all the
+    micro-batches that will be stacked together so they share one shape)."""
+    grids = [np.asarray(g, np.int64).reshape(-1, 3) for g in grids_thw] or [np.zeros((0, 3), np.int64)]
+    merge2 = int(vision_config.spatial_merge_size) ** 2
+    frames = max(int(g[:, 0].sum()) for g in grids)
+    longest = max([int((g[:, 1] * g[:, 2]).max()) for g in grids if len(g)] or [merge2])
+    shape = SlotShape(bucket_size(frames), bucket_size(longest))
+    if vision_arch(vision_config) == "qwen2_5_vl":
+        windows = max([int(_windows_per_frame(g, vision_config).max()) for g in grids if len(g)] or [1])
+        shape = shape._replace(windows_per_slot=bucket_size(windows))
+    return shape
+
+
+def _patch_frames(grid_thw: np.ndarray, merge: int) -> tuple[np.ndarray, ...]:
+    """Per real patch: (row, col, frame index 0.., offset within the frame, frame height, frame width),
+    for patches in the processor's block-major order."""
     counts = np.prod(grid_thw, axis=1)
     heights = np.repeat(grid_thw[:, 1], counts)
     widths = np.repeat(grid_thw[:, 2], counts)
@@ -84,10 +148,9 @@ def _patch_rows_cols(grid_thw: np.ndarray, merge: int) -> tuple[np.ndarray, ...]
     in_row = (within // merge) % merge
     block_col = (within // (merge * merge)) % blocks_w
     block_row = within // (merge * merge * blocks_w)
-    # One attention segment per frame of each image, numbered globally from 1.
     frames_before = np.repeat(np.cumsum(grid_thw[:, 0]) - grid_thw[:, 0], counts)
-    segment = frames_before + offset_in_image // frame_size + 1
-    return block_row * merge + in_row, block_col * merge + in_col, segment, heights, widths
+    frame = frames_before + offset_in_image // frame_size
+    return block_row * merge + in_row, block_col * merge + in_col, frame, within, heights, widths
 
 
 def _bilinear_taps(index: np.ndarray, size: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
@@ -101,49 +164,79 @@ def _bilinear_taps(index: np.ndarray, size: np.ndarray, side: int) -> tuple[np.n
     return taps, weights
 
 
-def _window_order(grid_thw: np.ndarray, vision_config) -> tuple[np.ndarray, np.ndarray]:
-    """Qwen2.5-VL merged-token window order and the window id (from 1) of each ordered merged token.
+def _window_layout(vision_config, shape: SlotShape, rows, cols, frame, within, widths) -> dict[str, np.ndarray]:
+    """Qwen2.5-VL windows: `side` merged tokens on a side, tiled from the top-left of each frame (as
+    transformers' get_vision_window_index). Inside a window, patches keep processor order, so each
+    merged token's patches stay consecutive; the order of keys inside a window does not change attention."""
+    merge, side = int(vision_config.spatial_merge_size), _window_side(vision_config)
+    num_slots, slot_len, num_windows = shape
+    window_len = (side * merge) ** 2
+    across = -(-(widths // merge) // side)
+    window = (rows // merge // side) * across + (cols // merge // side)
+    key = frame * num_windows + window
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    rank = np.empty_like(key)
+    rank[order] = np.arange(len(key)) - np.searchsorted(sorted_key, sorted_key, side="left")
+    index = np.full(num_slots * num_windows * window_len, slot_len, np.int64)
+    index[key * window_len + rank] = within
+    inverse = np.full(num_slots * slot_len, num_windows * window_len, np.int64)
+    inverse[frame * slot_len + within] = window * window_len + rank
+    lengths = np.maximum(np.bincount(key, minlength=num_slots * num_windows), 1)
+    return {
+        "vision_slot_window_index": index.reshape(num_slots, num_windows, window_len).astype(np.int32),
+        "vision_slot_window_lengths": lengths.reshape(num_slots, num_windows).astype(np.int32),
+        "vision_slot_window_inverse": inverse.reshape(num_slots, slot_len).astype(np.int32),
+    }
 
-    Windows are `window_size // merge // patch` merged tokens on a side, tiled from the top-left of
-    each frame; tokens are ordered (image, frame, window row, window col, row in window, col in window),
-    which is transformers' get_vision_window_index without the -100 padding trick.
-    """
-    merge = int(vision_config.spatial_merge_size)
-    side = int(vision_config.window_size) // merge // int(vision_config.patch_size)
-    if side < 1:
+
+def _check_slots(vision_config, grid_thw: np.ndarray, slots: SlotShape) -> SlotShape:
+    slots = SlotShape(*(int(x) for x in slots))
+    need = slot_shape(vision_config, grid_thw)
+    is_windowed = vision_arch(vision_config) == "qwen2_5_vl"
+    frames = int(grid_thw[:, 0].sum())
+    longest = int((grid_thw[:, 1] * grid_thw[:, 2]).max()) if len(grid_thw) else 0
+    windows = int(_windows_per_frame(grid_thw, vision_config).max()) if is_windowed and len(grid_thw) else 0
+    merge2 = int(vision_config.spatial_merge_size) ** 2
+    if (slots.num_slots < max(frames, 1) or slots.slot_len < max(longest, merge2) or slots.slot_len % merge2
+            or (is_windowed and slots.windows_per_slot < max(windows, 1))):
         raise ValueError(
-            f"window_size={vision_config.window_size} must be >= spatial_merge_size*patch_size="
-            f"{merge * int(vision_config.patch_size)}"
+            f"slots={tuple(slots)} do not fit {frames} frames of up to {longest} patches"
+            + (f" and {windows} windows" if is_windowed else "")
+            + f" (slot_len must be a multiple of spatial_merge_size**2={merge2}); "
+            f"use vision_inputs.slot_shape(vision_config, *grids) -> {tuple(need)} for every batch stacked together"
         )
-    merged_counts = grid_thw[:, 0] * (grid_thw[:, 1] // merge) * (grid_thw[:, 2] // merge)
-    image = np.repeat(np.arange(len(grid_thw)), merged_counts)
-    llm_h = np.repeat(grid_thw[:, 1] // merge, merged_counts)
-    llm_w = np.repeat(grid_thw[:, 2] // merge, merged_counts)
-    local = np.arange(int(merged_counts.sum())) - np.repeat(np.cumsum(merged_counts) - merged_counts, merged_counts)
-    frame, rest = np.divmod(local, llm_h * llm_w)
-    row, col = np.divmod(rest, llm_w)
-    # np.lexsort sorts by the last key first.
-    order = np.lexsort((col % side, row % side, col // side, row // side, frame, image))
-    window_key = np.stack([image, frame, row // side, col // side], axis=1)[order]
-    new_window = np.ones(len(order), dtype=bool)
-    new_window[1:] = (window_key[1:] != window_key[:-1]).any(axis=1)
-    return order, np.cumsum(new_window)
+    return slots
 
 
-def vision_inputs(vision_config, grid_thw: np.ndarray, num_patches_padded: int) -> dict[str, np.ndarray]:
-    """Vision-tower metadata for the images in `grid_thw` [N, 3] (t, h, w in patches), padded to
-    `num_patches_padded` patches. Returns the `vision_*` arrays described in the module docstring."""
+def vision_inputs(vision_config, grid_thw: np.ndarray, num_patches_padded: int,
+                  slots: SlotShape | tuple | None = None) -> dict[str, np.ndarray]:
+    """Vision-tower metadata for the images in `grid_thw` [n, 3] (t, h, w in patches) whose patches are
+    padded to `num_patches_padded` rows of pixel_values. slots: the slot layout's shape (default
+    `slot_shape(vision_config, grid_thw)`). Returns the `vision_*` arrays of the module docstring."""
     arch = vision_arch(vision_config)
     num_patches_padded = int(num_patches_padded)
     grid_thw = _check_grid(vision_config, grid_thw, num_patches_padded)
+    slots = slot_shape(vision_config, grid_thw) if slots is None else _check_slots(vision_config, grid_thw, slots)
     merge = int(vision_config.spatial_merge_size)
-    rows, cols, segment, heights, widths = _patch_rows_cols(grid_thw, merge)
+    unit = merge * merge
+    num_slots, slot_len = slots.num_slots, slots.slot_len
+    rows, cols, frame, within, heights, widths = _patch_frames(grid_thw, merge)
     num_real = len(rows)
-    pad = num_patches_padded - num_real
+    position = frame * slot_len + within  # flat slot position of each real patch
 
+    def to_slots(values: np.ndarray, fill, dtype) -> np.ndarray:
+        out = np.full((num_slots * slot_len,) + values.shape[1:], fill, dtype)
+        out[position] = values
+        return out.reshape((num_slots, slot_len) + values.shape[1:])
+
+    merged_rows = np.full(num_patches_padded // unit, num_slots * slot_len // unit, np.int64)
+    merged_rows[:num_real // unit] = position[::unit] // unit
     out = {
-        "vision_segment_ids": np.pad(segment, (0, pad)).astype(np.int32),
-        "vision_position_ids": np.pad(np.stack([rows, cols], axis=1), ((0, pad), (0, 0))).astype(np.int32),
+        "vision_slot_patches": to_slots(np.arange(num_real), num_patches_padded, np.int32),
+        "vision_slot_lengths": np.maximum(np.bincount(frame, minlength=num_slots), 1).astype(np.int32),
+        "vision_slot_positions": to_slots(np.stack([rows, cols], axis=1), 0, np.int32),
+        "vision_merged_rows": merged_rows.astype(np.int32),
     }
     if arch == "qwen3_vl":
         side = int(round(int(vision_config.num_position_embeddings) ** 0.5))
@@ -155,17 +248,8 @@ def vision_inputs(vision_config, grid_thw: np.ndarray, num_patches_padded: int) 
         w_taps, w_weights = _bilinear_taps(cols, widths, side)
         indices = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
         weights = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, 4)
-        out["vision_interp_indices"] = np.pad(indices, ((0, pad), (0, 0))).astype(np.int32)
-        out["vision_interp_weights"] = np.pad(weights, ((0, pad), (0, 0))).astype(np.float32)
+        out["vision_slot_interp_indices"] = to_slots(indices, 0, np.int32)
+        out["vision_slot_interp_weights"] = to_slots(weights, 0, np.float32)
     else:
-        unit = merge * merge
-        merged_order, merged_window = _window_order(grid_thw, vision_config)
-        num_merged_padded = num_patches_padded // unit
-        # Padding merged tokens keep their places after all real ones.
-        merged_order = np.concatenate([merged_order, np.arange(len(merged_order), num_merged_padded)])
-        patch_order = (merged_order[:, None] * unit + np.arange(unit)).reshape(-1)
-        window_ids = np.pad(np.repeat(merged_window, unit), (0, pad))
-        out["vision_window_order"] = patch_order.astype(np.int32)
-        out["vision_window_segment_ids"] = window_ids.astype(np.int32)
-        out["vision_merged_inverse_order"] = np.argsort(merged_order).astype(np.int32)
+        out.update(_window_layout(vision_config, slots, rows, cols, frame, within, widths))
     return out

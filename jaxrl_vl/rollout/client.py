@@ -12,6 +12,7 @@ than the server's context raises `ContextLengthError` naming both lengths.
 """
 import asyncio
 import re
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -82,9 +83,12 @@ class VLLMClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def request(self, method: str, path: str, json: Any = None, params: dict | None = None) -> Any:
+    async def request(self, method: str, path: str, json: Any = None, params: dict | None = None, *,
+                      content: Callable[[], AsyncIterator[bytes]] | None = None,
+                      headers: dict[str, str] | None = None) -> Any:
         """One HTTP call with bounded concurrency and retries. Returns decoded JSON (the text for a
-        non-JSON body, None for an empty one). Raises VLLMError / ContextLengthError."""
+        non-JSON body, None for an empty one). Raises VLLMError / ContextLengthError. `content`: a raw
+        body, as a function returning a fresh async iterator of bytes for each attempt."""
         url = f"{self.base_url}{path}"
         last_error: Exception | None = None
         for attempt in range(self.max_retries + 1):
@@ -92,7 +96,8 @@ class VLLMClient:
                 await asyncio.sleep(self.backoff_seconds * 2 ** (attempt - 1))
             try:
                 async with self._semaphore:
-                    response = await self._http.request(method, path, json=json, params=params)
+                    response = await self._http.request(method, path, json=json, params=params, headers=headers,
+                                                        content=None if content is None else content())
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as error:
                 last_error = error  # server restarting or briefly overloaded: retry
                 continue

@@ -26,6 +26,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_VLLM_VENV = REPO_ROOT / ".venv-vllm"
 LAUNCHER_NAME = "vllm-serve-jaxrl"
+VLLM_PLUGIN_NAMES = ("jaxrl_vl_weight_stream", "jaxrl_vl_weight_push")  # plugins/vllm_weight_stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +122,11 @@ def server_command(config: ServerConfig, port: int) -> tuple[list[str], dict[str
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                VLLM_SERVER_DEV_MODE="1",  # weight-update, pause/resume and collective_rpc routes
                VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    # Our plugins (plugins/vllm_weight_stream): the jaxrl_stream backend and the one-request weight-push
+    # routes. vLLM loads endpoint plugins only when VLLM_PLUGINS names them, and then loads no other
+    # general plugin, so this is the whole allowlist (vLLM's own LoRA resolvers stay unused).
+    env["VLLM_PLUGINS"] = ",".join(dict.fromkeys([*filter(None, env.get("VLLM_PLUGINS", "").split(",")),
+                                                  *VLLM_PLUGIN_NAMES]))
     if config.device == "cpu":
         if not (isinstance(config.cpu_kv_cache_gib, int) and config.cpu_kv_cache_gib >= 1):
             raise ValueError(f"ServerConfig.cpu_kv_cache_gib={config.cpu_kv_cache_gib!r}: vLLM takes a whole "

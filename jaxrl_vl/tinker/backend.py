@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import serialization
 
 from jaxrl_vl.losses.tinker_losses import resolve_loss_fn_config, tinker_loss
 from jaxrl_vl.models import apply, load, make_batch
@@ -229,29 +230,39 @@ class TrainingBackend:
     # ---- checkpoints -----------------------------------------------------------------------------
     def save_state(self, model_id: str, name: str, *, ttl_seconds=None, user_metadata=None) -> str:
         model = self.get(model_id)
-        state = {"lora": jax.device_get(model.lora), "opt_state": jax.device_get(model.opt_state),
-                 "step": model.step, "lora_cfg": dataclasses.asdict(model.lora_cfg), "base_model": model.base_model}
+        trees = {"lora": jax.device_get(model.lora), "opt_state": jax.device_get(model.opt_state)}
+        info = {"step": model.step, "lora_cfg": dataclasses.asdict(model.lora_cfg), "base_model": model.base_model}
         cp = CheckpointPath(model_id, "weights", name)
-        path = self.store.save_state(cp, state, user_metadata=user_metadata, ttl_seconds=ttl_seconds)
+        path = self.store.save_state(cp, trees, info, user_metadata=user_metadata, ttl_seconds=ttl_seconds)
         model.last_checkpoint = self._checkpoint_json(cp)
         return path
 
     def load_state(self, model_id: str, cp: CheckpointPath, *, with_optimizer: bool) -> None:
-        """Loads weights (and optionally the optimizer state) into an existing model."""
+        """Loads weights (and optionally the optimizer state) into an existing model. The stored trees
+        must match the structure of a fresh LoRA / optimizer state for the saved LoRA config."""
         model = self.get(model_id)
-        state = self.store.load_state(cp)
-        cfg = LoraConfig(**{**state["lora_cfg"], "targets": tuple(state["lora_cfg"]["targets"])})
+        trees, info = self.store.load_state(cp)
+        cfg = LoraConfig(**{**info["lora_cfg"], "targets": tuple(info["lora_cfg"]["targets"])})
+        template = init_lora(self.params, cfg, jax.random.PRNGKey(0))
+        try:
+            lora = serialization.from_state_dict(template, trees["lora"])
+            opt_state = (serialization.from_state_dict(_make_optimizer().init(template), trees["opt_state"])
+                         if with_optimizer else None)
+            if jax.tree_util.tree_map(np.shape, lora) != jax.tree_util.tree_map(np.shape, template):
+                raise ValueError("LoRA array shapes differ")
+        except (KeyError, ValueError) as error:
+            raise UserError(f"checkpoint {cp.tinker_path} does not match its LoRA config {cfg}: {error}") from error
         model.lora_cfg = cfg
-        model.lora = jax.tree_util.tree_map(jnp.asarray, state["lora"])
-        model.opt_state = (jax.tree_util.tree_map(jnp.asarray, state["opt_state"]) if with_optimizer
+        model.lora = jax.tree_util.tree_map(jnp.asarray, lora)
+        model.opt_state = (jax.tree_util.tree_map(jnp.asarray, opt_state) if with_optimizer
                            else _make_optimizer().init(model.lora))
-        model.step = int(state["step"]) if with_optimizer else 0
+        model.step = int(info["step"]) if with_optimizer else 0
         model.grads = None
 
     def create_from_state(self, model_id: str, session_id: str, cp: CheckpointPath, *, with_optimizer: bool,
                           user_metadata=None) -> TrainingModel:
-        state = self.store.load_state(cp)
-        cfg = state["lora_cfg"]
+        _, info = self.store.load_state(cp)
+        cfg = info["lora_cfg"]
         self.create_model(model_id, session_id, {"rank": cfg["rank"], "train_attn": "attention" in cfg["targets"],
                                                  "train_mlp": "mlp" in cfg["targets"],
                                                  "train_unembed": "unembed" in cfg["targets"]},

@@ -1,11 +1,15 @@
 """Checkpoint storage under one root folder, addressed by tinker:// paths.
 
-  tinker://{model_id}/weights/{name}          -> {root}/{model_id}/weights/{name}/state.pkl
+  tinker://{model_id}/weights/{name}          -> {root}/{model_id}/weights/{name}/state.msgpack
                                                   (LoRA tree, optimizer state, step, LoRA config)
   tinker://{model_id}/sampler_weights/{name}  -> {root}/{model_id}/sampler_weights/{name}/{version}/
                                                   (a PEFT adapter; LATEST names the newest version)
 Every save of a sampler checkpoint writes a NEW version folder: vLLM keeps a stale prefix cache when
 an adapter is reloaded from the same path (../shared/notes/vllm.md).
+
+Training state is flax msgpack (arrays as raw bytes + dtype + shape) holding the array trees' state
+dicts and a JSON string of the scalars: loading it never runs code (pickle would), and the caller
+rebuilds typed trees (optax NamedTuples) with `flax.serialization.from_state_dict` against a template.
 
 Paths are validated: exactly three segments, a known kind, and names that resolve inside the root
 (no "..", no absolute parts, no path separators) - a client cannot read or write outside the root.
@@ -16,7 +20,6 @@ import dataclasses
 import datetime
 import json
 import os
-import pickle
 import re
 import shutil
 import uuid
@@ -25,7 +28,8 @@ from jaxrl_vl.tinker.protocol import NotFoundError, UserError
 
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.:@+=-]{1,200}$")
-STATE_FILE = "state.pkl"
+STATE_FILE = "state.msgpack"
+LEGACY_PICKLE_FILE = "state.pkl"  # written by earlier versions; refused (unpickling can run code)
 META_FILE = "meta.json"
 LATEST_FILE = "LATEST"
 
@@ -78,27 +82,50 @@ class CheckpointStore:
         with open(os.path.join(folder, META_FILE), "w") as f:
             json.dump(meta, f)
 
-    def save_state(self, cp: CheckpointPath, state: dict, *, user_metadata=None, ttl_seconds=None) -> str:
-        """state: host (numpy) pytrees; pickled because optax states are NamedTuples. Only files this
-        server wrote under its own root are ever unpickled (paths are validated above)."""
+    def save_state(self, cp: CheckpointPath, trees: dict, info: dict, *, user_metadata=None,
+                   ttl_seconds=None) -> str:
+        """trees: {name: pytree of host arrays} (NamedTuples become dicts: restore them with
+        `flax.serialization.from_state_dict`); info: JSON-serializable scalars (step, config, ...)."""
+        from flax import serialization
+
+        payload = serialization.msgpack_serialize({
+            "trees": {name: serialization.to_state_dict(tree) for name, tree in trees.items()},
+            "info_json": json.dumps(info)})
         folder = self.folder(cp)
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".{STATE_FILE}.{uuid.uuid4().hex}")
         with open(tmp, "wb") as f:
-            pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.write(payload)
         os.replace(tmp, os.path.join(folder, STATE_FILE))
         self._write_meta(folder, cp, user_metadata, ttl_seconds)
         return cp.tinker_path
 
-    def load_state(self, cp: CheckpointPath) -> dict:
+    def load_state(self, cp: CheckpointPath) -> tuple[dict, dict]:
+        """-> (trees as nested dicts of numpy arrays, info). Raises UserError for a file that is not
+        this format (never executes its contents)."""
+        from flax import serialization
+
         if cp.kind != "weights":
             raise UserError(f"{cp.tinker_path}: load_weights needs a training checkpoint "
                             "(tinker://MODEL_ID/weights/NAME from save_state), not sampler weights")
-        path = os.path.join(self.folder(cp), STATE_FILE)
+        folder = self.folder(cp)
+        path = os.path.join(folder, STATE_FILE)
         if not os.path.isfile(path):
+            if os.path.isfile(os.path.join(folder, LEGACY_PICKLE_FILE)):
+                raise UserError(f"checkpoint {cp.tinker_path} is in the old pickle format, which this server "
+                                "no longer loads (unpickling can run code); save it again with this version")
             raise NotFoundError(f"checkpoint {cp.tinker_path} does not exist on this server")
         with open(path, "rb") as f:
-            return pickle.load(f)
+            data = f.read()
+        try:
+            payload = serialization.msgpack_restore(data)
+            trees, info = payload["trees"], json.loads(payload["info_json"])
+            if not isinstance(trees, dict) or not isinstance(info, dict):
+                raise TypeError("trees/info are not mappings")
+        except Exception as error:  # noqa: BLE001 - any decoding failure means "not our format"
+            raise UserError(f"checkpoint {cp.tinker_path}: {STATE_FILE} is corrupt or not a saved training "
+                            f"state ({type(error).__name__}: {error}); save it again") from error
+        return trees, info
 
     def new_sampler_version(self, cp: CheckpointPath) -> str:
         """A fresh folder for the next version of a sampler checkpoint (caller writes the adapter)."""

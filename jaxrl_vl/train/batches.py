@@ -4,7 +4,7 @@ A pipeline batch is `batch_size` rows (lists of examples; one per row unless pac
 gradient accumulation the rows are split into A = grad_accum_steps micro-batches that share one
 padded length and one patch count, so they stack on a leading axis the step scans over:
   input_ids/segment_ids/loss_mask [A, B/A, L], position_ids [A, 3, B/A, L],
-  pixel_values [A, P, D], vision_* [A, P, ...]
+  pixel_values [A, P, D], vision_* [A, ...] (one shared vision slot layout)
 plus host-only statistics `host_num_patches` / `host_num_images` (ints, for FLOPs) that the loop
 removes before the batch goes to the device.
 """
@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxrl_vl.data import batching
 from jaxrl_vl.models.inputs import make_batch
+from jaxrl_vl.models.vision_inputs import slot_shape
 
 HOST_STAT_KEYS = ("host_num_patches", "host_num_images")
 _NOT_STACKED = ("image_grid_thw", "num_examples")
@@ -28,6 +29,12 @@ def _row(examples, *, loss_on, image_mean, image_std) -> dict:
 
 def _num_patches(examples) -> int:
     return sum(int(e.image_grid_thw.prod(axis=1).sum()) for e in examples)
+
+
+def _grid(group: list) -> np.ndarray:
+    """image_grid_thw [n, 3] of every image of a micro-batch (a list of rows of examples)."""
+    grids = [np.asarray(e.image_grid_thw).reshape(-1, 3) for examples in group for e in examples]
+    return np.concatenate(grids) if grids else np.zeros((0, 3), np.int64)
 
 
 def make_stacked_collate(model_config, *, grad_accum_steps: int, max_length: int, loss_on: str,
@@ -48,8 +55,9 @@ def make_stacked_collate(model_config, *, grad_accum_steps: int, max_length: int
         length = max_length if packing else batching.bucket_for(longest, buckets)
         patches = [sum(_num_patches(examples) for examples in group) for group in groups]
         patch_count = batching.patch_bucket(max(patches), min_patches)
+        slots = slot_shape(model_config.vision, *[_grid(group) for group in groups])
         micro_batches = [make_batch(group, model_config, pad_to_length=length, pad_patches_to=patch_count,
-                                    pad_id=pad_id) for group in row_dicts]
+                                    pad_id=pad_id, vision_slots=slots) for group in row_dicts]
         stacked = {key: np.stack([b[key] for b in micro_batches]) for key in micro_batches[0]
                    if key not in _NOT_STACKED}
         stacked["host_num_patches"] = int(sum(patches))

@@ -33,6 +33,8 @@ def write_maze_demos(maze, out_dir: str) -> str:
                "--n", str(maze.num_demos), "--n-test", str(maze.num_test_demos), "--size", str(maze.size),
                "--cell-px", str(maze.cell_px), "--action-format", maze.action_format,
                "--prompt-style", maze.prompt_style, "--seed", str(maze.demo_seed), "--out", tmp]
+    if not maze.include_feedback:
+        command.append("--no-feedback")
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -46,7 +48,8 @@ def _env_kwargs(maze) -> dict:
 
     # the step cap appears in the prompt ("allowed to take N more steps"): keep the demos' default
     return {"size": maze.size, "cell_px": maze.cell_px, "action_format": maze.action_format,
-            "prompt_style": maze.prompt_style, "max_steps": default_max_steps(maze.size)}
+            "prompt_style": maze.prompt_style, "include_feedback": maze.include_feedback,
+            "max_steps": default_max_steps(maze.size)}
 
 
 def run_sft_then_rl(config) -> dict:

@@ -36,6 +36,7 @@ from jaxrl_vl.losses.policy import PolicyLossConfig
 from jaxrl_vl.rollout import weight_push
 from jaxrl_vl.rollout.agent_loop import AgentConfig, env_copier, load_decoder, run_groups
 from jaxrl_vl.rollout.client import VLLMClient
+from jaxrl_vl.rollout.supervisor import ServerSupervisor, run_supervised
 from jaxrl_vl.rollout.trajectory import rollout_metrics, save_sample, training_rows
 from jaxrl_vl.train import setup
 from jaxrl_vl.train.checkpoints import CheckpointStore
@@ -114,8 +115,11 @@ class _Servers:
             log.warning("starting a vLLM server on %s (log in %s)", model_dir, server_config.log_dir)
             self.handles = [server_lib.start_server(server_config)]
             self.started = True
-        self.clients = [VLLMClient(h.url, h.served_model_name, max_concurrency=v.max_concurrent_requests,
-                                   api_key=api_key) for h in self.handles]
+        self.make_client = lambda h: VLLMClient(h.url, h.served_model_name, max_concurrency=v.max_concurrent_requests,
+                                                api_key=api_key)
+        self.clients = [self.make_client(h) for h in self.handles]
+        self.supervisor = ServerSupervisor(self.handles, on_failure=v.get("on_server_failure", "restart"),
+                                           max_restarts=v.get("max_server_restarts", 3))
 
     async def aclose(self):
         for client in self.clients:
@@ -123,7 +127,7 @@ class _Servers:
 
     def stop(self):
         if self.started:
-            for handle in self.handles:
+            for handle in self.handles:  # restarted ones included (the supervisor replaces them in place)
                 self._server_lib.stop_server(handle)
 
 
@@ -195,6 +199,7 @@ def run_rl(config) -> dict:
     loop = _LoopThread()
     servers = _Servers(config, model_dir, run_dir)
     run = loop.run
+    pushed_version, pending = start_step, None
 
     def merged_params():
         if state.lora is None:
@@ -202,14 +207,33 @@ def run_rl(config) -> dict:
         from jaxrl_vl.models import lora as lora_lib
         return jax.device_get(lora_lib.merge(state.params, state.lora, lora_cfg))
 
-    def push(version: int) -> float:
-        result = run(weight_push.push_params(merged_params(), model_config, servers.clients, version,
-                                             transport=servers.transport))
-        return result.total_seconds
+    def push(version: int, indices: list[int] | None = None) -> float:
+        clients = servers.clients if indices is None else [servers.clients[i] for i in indices]
+        try:
+            return run(weight_push.push_params(merged_params(), model_config, clients, version,
+                                               transport=servers.transport)).total_seconds
+        except weight_push.WeightPushError:
+            restarted = servers.supervisor.restart_failed(f"the weight push of version {version}")
+            if not restarted:
+                raise
+            return on_restart(restarted, version)
+
+    def on_restart(indices: list[int], version: int) -> float:
+        """Restarted servers serve the base checkpoint: give them new clients and the trainer's
+        current weights under the current version (nothing else changes version)."""
+        for i in indices:
+            old, servers.clients[i] = servers.clients[i], servers.make_client(servers.handles[i])
+            run(old.aclose())
+        return push(version, indices)
+
+    def supervised(submit, first=None, what="rollouts"):
+        return run_supervised(servers.supervisor, submit, lambda indices: on_restart(indices, pushed_version),
+                              first=first, what=what)
 
     def evaluate(tag: str) -> dict:
-        groups = run(run_groups(servers.clients, env_copier(eval_env), eval_seeds(rl), agent_config(rl, evaluation=True),
-                                decode=decode, tokens=tokens, step=0))
+        groups = supervised(lambda: loop.submit(run_groups(
+            servers.clients, env_copier(eval_env), eval_seeds(rl), agent_config(rl, evaluation=True), decode=decode,
+            tokens=tokens, step=0)), what=f"evaluation ({tag})")
         _save_samples(groups, run_dir, state_step(), rl.save_samples, tag=tag)
         return rollout_metrics(groups, prefix=f"eval_{tag}/")
 
@@ -227,7 +251,7 @@ def run_rl(config) -> dict:
             setup.write_json(before_path, before)
             writer.write(start_step, before)
         bar = _progress(config, start_step)
-        max_drift, last, pushed_version, pending = 0.0, {}, start_step, None
+        max_drift, last = 0.0, {}
 
         def rollouts(step: int):
             return loop.submit(run_groups(servers.clients, env_copier(train_env), train_seeds(rl, step),
@@ -235,11 +259,14 @@ def run_rl(config) -> dict:
 
         for step in range(start_step + 1, config.train.num_steps + 1):
             t0 = time.perf_counter()
-            groups = (pending or rollouts(step)).result()
+            # A server that dies meanwhile is restarted on the current weights (or the run stops, per
+            # vllm.on_server_failure) and the step's rollouts are generated again from scratch.
+            groups = supervised(lambda: rollouts(step), first=pending, what=f"the rollouts of step {step}")
             t_rollout = time.perf_counter() - t0  # in async mode: the wait not hidden behind training
             # Async mode: step+1's episodes sample on these weights while we train, and pick up the
             # pushed ones mid-episode (vLLM drains in-flight requests on pause): staleness <= 1 step.
-            pending = rollouts(step + 1) if rl.max_staleness and step < config.train.num_steps else None
+            pending = ((rollouts(step + 1), servers.supervisor.generation)
+                       if rl.max_staleness and step < config.train.num_steps else None)
             metrics = rollout_metrics(groups)
             rewards = np.asarray([[t.reward for t in g] for g in groups], np.float32)
             advantages = np.asarray(compute_advantages(rl.advantage, rewards))
@@ -271,7 +298,8 @@ def run_rl(config) -> dict:
                 t_push, pushed_version = push(step), step
                 metrics["time/batch"] = t_batch
             metrics.update({"time/rollout": t_rollout, "time/train": t_train, "time/push": t_push,
-                            "time/step": time.perf_counter() - t0})
+                            "time/step": time.perf_counter() - t0,
+                            "rollout/server_restarts": float(servers.supervisor.restarts)})
             if rl.save_samples and (step % rl.save_samples_every_steps == 0 or step == 1):
                 _save_samples(groups, run_dir, step, rl.save_samples)
             if store.save(step, state, {"rl_step": step}):
@@ -291,7 +319,7 @@ def run_rl(config) -> dict:
         writer.write(final_step, after)
     finally:
         if pending is not None:
-            pending.cancel()
+            pending[0].cancel()
         run(servers.aclose())
         servers.stop()
         loop.close()

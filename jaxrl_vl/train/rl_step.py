@@ -30,6 +30,7 @@ from jaxrl_vl import models
 from jaxrl_vl.losses.aggregate import masked
 from jaxrl_vl.losses.policy import PolicyLossConfig, compute_policy_loss
 from jaxrl_vl.losses.sft import chunked_token_logprobs, token_logprobs
+from jaxrl_vl.models.vision_inputs import slot_shape
 from jaxrl_vl.train.state import TrainState, with_trainable
 
 HOST_ONLY_KEYS = ("image_grid_thw", "group_id", "num_examples")
@@ -226,7 +227,12 @@ def build_micro_batches(rows: list[dict], model_config, *, num_micro_batches: in
     patches = max(sum(int(np.prod(r["image_grid_thw"], axis=1).sum()) for r in g if "image_grid_thw" in r)
                   for g in groups)
     pad_patches = _round_up(patches, max(patch_multiple, merge)) if patches else None
-    batches = [models.make_batch(g, model_config, pad_to_length=length, pad_patches_to=pad_patches) for g in groups]
+    # one vision slot layout for every micro-batch, so their vision_* arrays stack
+    grids = [np.concatenate([np.asarray(r["image_grid_thw"]).reshape(-1, 3) for r in g if "image_grid_thw" in r]
+                            or [np.zeros((0, 3), np.int64)]) for g in groups]
+    slots = slot_shape(model_config.vision, *grids)
+    batches = [models.make_batch(g, model_config, pad_to_length=length, pad_patches_to=pad_patches,
+                                 vision_slots=slots) for g in groups]
     keys = [k for k in batches[0] if k != "image_grid_thw"]
     stacked = {k: np.stack([b[k] for b in batches]) for k in keys}
     return stacked
