@@ -23,8 +23,12 @@ def get_config():
     c.distributed = "off"
 
     c.maze = ml_collections.ConfigDict()
-    c.maze.size = 7                 # odd >= 5; 9 is VisGym's easy maze
-    c.maze.cell_px = 16
+    # A 5x5 grid (2x2 rooms) with random start and target cells: episodes of 1-7 turns that the
+    # 6M-parameter model learns on 2 CPU cores in minutes. VisGym's easy maze is size 9, corners.
+    c.maze.size = 5                 # odd >= 5
+    c.maze.positions = "random"     # "corners" (VisGym) | "random" floor cells
+    c.maze.max_steps = 8            # step cap (in the prompt); 0 = the env default (20 for small grids)
+    c.maze.cell_px = 32             # 32 px cells: one 32x32 merged vision token per cell
     c.maze.action_format = "keyword"
     c.maze.prompt_style = "compact"
     c.maze.include_feedback = False   # no "Environment feedback: ..." line: ~27 fewer tokens per turn
@@ -38,11 +42,10 @@ def get_config():
     sft.model.build_size = "small"
     sft.model.random_init = True
     sft.data.loss_on = "all"        # every assistant turn of a demonstration is a target
-    sft.data.max_length = 1536      # a 7x7 episode (<= 20 turns, 16 image tokens per frame) fits
-    sft.train.num_steps = 300
+    sft.data.max_length = 1024      # a 5x5 episode (<= 8 turns, 25 image tokens per frame) fits
+    sft.train.num_steps = 250
     sft.train.batch_size = 8
-    # 4 micro-batches of 2: one batch of 8 x 2048 tokens needed 8 GB RSS on CPU (OOM-killed here)
-    sft.train.grad_accum_steps = 4
+    sft.train.grad_accum_steps = 1
     sft.optim.learning_rate = 2e-3
     sft.optim.warmup_steps = 20
     sft.optim.weight_decay = 0.0
@@ -56,6 +59,8 @@ def get_config():
     rl.rl.num_groups = 8
     rl.rl.samples_per_group = 4
     rl.rl.eval_episodes = 32
-    rl.train.num_steps = 10
-    rl.optim.learning_rate = 2e-5
+    rl.train.num_steps = 16
+    rl.optim.learning_rate = 2e-4
+    rl.rl.max_sequence_tokens = 1024
+    rl.vllm.max_model_len = 1024
     return c

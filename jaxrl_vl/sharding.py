@@ -208,8 +208,9 @@ def batch_shardings(batch: dict, mesh: Mesh, extra_batch_keys: tuple[str, ...] =
         if key.startswith("vision_slot_"):
             # The vision tower runs in slot layout [N, L, ...] and every op on it is per slot, so
             # splitting N splits the vision compute (pixel_values stays replicated: each device
-            # gathers its own slots' patches). N is bucketed to multiples of 8 from 8 slots on; a
-            # count the mesh does not divide stays replicated (correct, just not split).
+            # gathers its own slots' patches). Callers round N to a multiple of data*fsdp
+            # (vision_inputs.slot_shape's num_slots_multiple); a count the mesh does not divide stays
+            # replicated (correct, just not split).
             spec = P(BATCH_MESH_AXES) if shape and shape[0] % split == 0 else P()
         elif key in extra_batch_keys:
             if not shape or shape[0] != batch_size:

@@ -103,6 +103,9 @@ fi
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 export VLLM_API_KEY="$JAXRL_VL_SERVER_TOKEN"   # /v1 and /inference
 export VLLM_SERVER_DEV_MODE=1                  # pause/resume, collective_rpc, weight-transfer routes
+# our plugins (plugins/vllm_weight_stream): vLLM loads endpoint plugins (the one-request weight-push
+# routes) only when VLLM_PLUGINS names them, and then no general plugin it does not name
+export VLLM_PLUGINS="${VLLM_PLUGINS:+$VLLM_PLUGINS,}jaxrl_vl_weight_stream,jaxrl_vl_weight_push"
 export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 echo "[vllm_gpu_server] $vllm_bin ${args[*]} ${extra[*]:-}" >&2
 exec "$vllm_bin" "${args[@]}" "${extra[@]}"

@@ -166,6 +166,6 @@ def test_trainer_and_server_as_two_processes_stream_weights_for_three_rl_steps(t
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         stale = [r["rollout/stale_turns"] for r in records if "rollout/stale_turns" in r]
         assert len(stale) == 3 and all(s == 0 for s in stale), stale
-        assert "update_weights" in log_path.read_text()  # the stream backend's route was used
+        assert "/jaxrl/weights/commit" in log_path.read_text()  # the plugin's stream route was used
     finally:
         _stop(server)

@@ -153,6 +153,49 @@ def test_generated_mazes_are_perfect_with_opposite_corners(size):
     assert len({random_layout(size, s).key() for s in range(20)}) > 10
 
 
+def test_random_positions_are_distinct_floor_cells_and_reproducible():
+    layouts = [random_layout(5, seed, "random") for seed in range(200)]
+    for lay in layouts:
+        assert lay.agent != lay.target and lay.walls[lay.agent] == 0 and lay.walls[lay.target] == 0
+    assert random_layout(5, 3, "random").key() == layouts[3].key()
+    assert len({(lay.agent, lay.target) for lay in layouts}) > 20  # not only corners
+    assert random_layout(9, 4, "corners").key() == random_layout(9, 4).key()  # VisGym's stay the default
+    with pytest.raises(ValueError, match="positions"):
+        random_layout(5, 0, "center")
+
+
+def test_training_env_never_draws_a_held_out_layout():
+    """5x5 with random cells has ~170 layouts, so plain seeds often hit one of the 64 held-out ones."""
+    held_out = eval_layout_keys(5, positions="random")
+    plain = Maze2DEnv(size=5, positions="random")
+    hits = sum(plain.reset(seed) is not None and plain.layout.key() in held_out for seed in range(300))
+    assert hits > 10
+    train = Maze2DEnv(size=5, positions="random", exclude_eval_layouts=True)
+    keys = []
+    for seed in range(300):
+        train.reset(seed)
+        assert train.layout.key() not in held_out
+        keys.append(train.layout.key())
+    assert [train.reset(s) and train.layout.key() for s in range(5)] == keys[:5]  # deterministic per seed
+    evaluation = Maze2DEnv(size=5, positions="random")  # the held-out episodes themselves
+    evaluation.reset(eval_seeds(1)[0])
+    assert evaluation.layout.key() in held_out
+
+
+def test_make_sft_data_small_maze_random_positions(tmp_path):
+    subprocess.run([sys.executable, os.path.join(REPO, "tools/make_sft_data.py"), "--env", "maze2d", "--n", "40",
+                    "--out", str(tmp_path), "--size", "5", "--positions", "random", "--max-steps", "8",
+                    "--no-feedback", "--action-format", "keyword", "--prompt-style", "compact"],
+                   capture_output=True, text=True, check=True, cwd=REPO)
+    records = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert len(records) == 40
+    held_out = eval_layout_keys(5, positions="random")
+    for r in records:
+        assert random_layout(5, r["seed"], "random").key() not in held_out
+        assert "Environment feedback" not in json.dumps(r["messages"])
+        assert "allowed to take 7 more steps" in json.dumps(r["messages"][0])
+
+
 def test_even_or_tiny_sizes_rejected():
     for bad in (8, 3, 10):
         with pytest.raises(ValueError, match="odd int >= 5"):

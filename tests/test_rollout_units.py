@@ -13,7 +13,7 @@ from PIL import Image
 from jaxrl_vl.rollout import mm_decode
 from jaxrl_vl.rollout.client import ContextLengthError, VLLMClient, VLLMError
 from jaxrl_vl.rollout.messages import to_openai_messages
-from jaxrl_vl.rollout.server import ServerConfig, server_command, stop_server, ServerHandle
+from jaxrl_vl.rollout.server import VLLM_PLUGIN_NAMES, ServerConfig, ServerHandle, server_command, stop_server
 from jaxrl_vl.rollout.server_pool import ServerPool
 
 
@@ -64,6 +64,7 @@ def test_server_command_cpu_and_gpu_flags(tmp_path):
     assert "--enable-scale-out" in argv and argv[argv.index("--dtype") + 1] == "float32"
     assert json.loads(argv[argv.index("--limit-mm-per-prompt") + 1]) == {"image": 4, "video": 0}
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_SERVER_DEV_MODE"] == "1" and env["HF_HUB_OFFLINE"] == "1"
+    assert env["VLLM_PLUGINS"].split(",") == list(VLLM_PLUGIN_NAMES)  # our backend and weight-push routes
     gpu = ServerConfig(model=str(tmp_path), launcher="vllm", device="gpu", cuda_visible_devices="1", enforce_eager=False,
                        enable_lora=True, weight_transfer_backend="jaxrl_stream")
     argv, env = server_command(gpu, 1)

@@ -68,10 +68,11 @@ def _image_tokens(model_dir: str, width: int, height: int) -> int:
     return processor.get_number_of_image_patches(height, width, {}) // processor.merge_size ** 2
 
 
-def _image_datum(model_dir: str, expected_tokens: int | None = None, seed: int = 0) -> types.Datum:
+def _image_datum(model_dir: str, expected_tokens: int | None = None, seed: int = 0,
+                 size: tuple[int, int] = (64, 48)) -> types.Datum:
     """<text> <image> <text>, loss on the last text tokens only (image positions: target 0, weight 0)."""
-    n_image = _image_tokens(model_dir, 64, 48)
-    image = types.ImageChunk(data=_png(64, 48, seed), format="png",
+    n_image = _image_tokens(model_dir, *size)
+    image = types.ImageChunk(data=_png(*size, seed), format="png",
                              expected_tokens=n_image if expected_tokens is None else expected_tokens)
     before, after = [11, 12, 13], [21, 22, 23, 24, 25]
     model_input = types.ModelInput(chunks=[types.EncodedTextChunk(tokens=before), image,
@@ -144,6 +145,18 @@ def test_rl_losses(client, tiny_model_dir, loss_fn):
     if loss_fn in ("importance_sampling", "ppo"):  # ratio 1 at the sampler's own logprobs: -sum(A)
         assert loss == pytest.approx(-float(advantages.sum()), abs=1e-4)
     assert np.isfinite(tc.optim_step(types.AdamParams(learning_rate=1e-3)).result().metrics["grad_norm:mean"])
+
+
+def test_images_of_different_sizes_score_as_when_alone(client, tiny_model_dir):
+    """Different-size images in one batch share vision slots (models.vision_inputs packs them, with a
+    segment mask); each datum still scores exactly as in a batch of its own."""
+    tc = client.create_lora_training_client(base_model=tiny_model_dir, rank=4).result()
+    data = [_image_datum(tiny_model_dir, seed=1, size=(64, 48)), _image_datum(tiny_model_dir, seed=2, size=(96, 64)),
+            _image_datum(tiny_model_dir, seed=3, size=(32, 32))]
+    together = tc.forward(data, "cross_entropy").result().loss_fn_outputs
+    for datum, out in zip(data, together):
+        alone = tc.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].to_numpy()
+        np.testing.assert_allclose(out["logprobs"].to_numpy(), alone, atol=1e-5)
 
 
 def test_errors_keep_the_server_serving(client, server, tiny_model_dir):

@@ -6,16 +6,18 @@ again after it (pause/resume clears the encoder cache), restoring the weights re
 bit for bit, and a failed push leaves the server serving the previous version.
 """
 import asyncio
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from jaxrl_vl.rollout.client import VLLMClient, sampled_logprobs, weight_versions
+from jaxrl_vl.rollout.client import VLLMClient, VLLMError, sampled_logprobs, weight_versions
 from jaxrl_vl.rollout.messages import to_openai_messages
 from jaxrl_vl.rollout.mm_decode import decode_images, normalize_pixels
-from jaxrl_vl.rollout.weight_push import (WeightPushError, check_weight_versions, push_state_dict,
+from jaxrl_vl.rollout import weight_routes
+from jaxrl_vl.rollout.weight_push import (WeightPushError, _wire_arrays, check_weight_versions, push_state_dict,
                                           reload_from_folder, server_weight_version)
 
 pytestmark = pytest.mark.vllm
@@ -78,6 +80,7 @@ def test_push_changes_logprobs_as_transformers_predicts(vllm_server, tiny_model_
 
     rendered, before, pushed, after, version, restored_push, restored = asyncio.run(main())
     assert version == "7" and pushed.version == "7" and pushed.transport == transport
+    assert pushed.phase_seconds["server_load"] > 0  # the plugin's one-request route, not the fallback
     assert pushed.num_tensors == len(original)
     assert pushed.num_bytes == sum(v.nbytes for v in original.values()) and pushed.reload_seconds > 0
     choice = after["choices"][0]
@@ -115,3 +118,65 @@ def test_push_without_weights_is_refused_before_pausing(vllm_server, tmp_path):
     version_before, version_after, response, paused = asyncio.run(main())
     assert version_after == version_before != "99"
     assert paused == {"is_paused": False} and len(response["choices"][0]["token_ids"]) == 2
+
+
+def test_stock_route_fallback_serves_the_same_weights(vllm_server, tiny_model_dir, tmp_path):
+    """A server without the plugin's routes (stock `vllm serve`) gets vLLM's own call sequence; it
+    must end in exactly the state the one-request route gives (same tokens, same logprobs)."""
+    original = _read_state(tiny_model_dir)
+    scaled = {k: v * np.float32(1.25) if k == "lm_head.weight" else v for k, v in original.items()}
+    sampling = {"temperature": 1.0, "max_tokens": 8, "seed": 3, "logprobs": 0, "ignore_eos": True}
+
+    async def main():
+        async with VLLMClient(vllm_server.url, vllm_server.served_model_name) as client:
+            samples = {}
+            for transport in ("reload", "stream"):
+                fast = await push_state_dict(scaled, [client], version=11, transport=transport, root=str(tmp_path))
+                samples[transport, "fast"] = (await client.generate([5, 6, 7], sampling))["choices"][0]
+                stock = await push_state_dict(scaled, [client], version=12, transport=transport, root=str(tmp_path),
+                                              plugin_routes=False)
+                samples[transport, "stock"] = (await client.generate([5, 6, 7], sampling))["choices"][0]
+                assert fast.phase_seconds and not stock.phase_seconds
+            await push_state_dict(original, [client], version=0, root=str(tmp_path))
+            return samples
+
+    samples = asyncio.run(main())
+    for transport in ("reload", "stream"):
+        fast, stock = samples[transport, "fast"], samples[transport, "stock"]
+        assert fast["token_ids"] == stock["token_ids"] and sampled_logprobs(fast) == sampled_logprobs(stock)
+        assert weight_versions(fast) == ["11"] and weight_versions(stock) == ["12"]
+
+
+def test_raw_stage_faults_leave_the_server_untouched(vllm_server, tiny_model_dir):
+    """The stage route checks each chunk's crc32 as it arrives, and a commit needs every chunk staged
+    since the last commit; a refused push never pauses the engine nor changes its version."""
+    original = _read_state(tiny_model_dir)
+    perturbed = {k: v + np.float32(0.05) for k, v in original.items()}
+    arrays = _wire_arrays(perturbed)
+    sampling = {"temperature": 1.0, "max_tokens": 6, "seed": 4, "logprobs": 0, "ignore_eos": True}
+
+    async def main():
+        async with VLLMClient(vllm_server.url, vllm_server.served_model_name, max_retries=0) as client:
+            await push_state_dict(original, [client], version="base", transport="stream")
+            before = (await client.generate([9, 8, 7], sampling))["choices"][0]
+            blob = b"".join(bytes(piece) for piece in weight_routes.safetensors_pieces(arrays))
+            corrupt = blob[:-3] + bytes(b ^ 0xFF for b in blob[-3:])  # flipped in transit; crc declared of the original
+
+            async def body():
+                yield corrupt
+            with pytest.raises(VLLMError, match="crc32 mismatch"):
+                await client.request("POST", weight_routes.STAGE_ROUTE, content=body, params={
+                    "index": 0, "num_bytes": len(blob), "crc32": zlib.crc32(blob)})
+            await weight_routes.stage_chunk(client, 0, arrays)
+            manifest = {"num_chunks": 2, "num_bytes": sum(a.nbytes for a in arrays.values()),
+                        "tensors": {n: [str(a.dtype), list(a.shape)] for n, a in arrays.items()}}
+            with pytest.raises(weight_routes.PushRejected, match="incomplete push: 1 of 2 chunks"):
+                await weight_routes.commit(client, 99, pause_mode="wait", num_chunks=2, manifest=manifest)
+            with pytest.raises(weight_routes.PushRejected, match="incomplete push: 0 of 1"):  # slots were consumed
+                await weight_routes.commit(client, 99, pause_mode="wait", num_chunks=1, manifest=manifest)
+            after = (await client.generate([9, 8, 7], sampling))["choices"][0]
+            return before, after, await server_weight_version(client), await client.request("GET", "/is_paused")
+
+    before, after, version, paused = asyncio.run(main())
+    assert version == "base" and paused == {"is_paused": False}
+    assert after["token_ids"] == before["token_ids"] and sampled_logprobs(after) == sampled_logprobs(before)

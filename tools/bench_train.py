@@ -121,14 +121,16 @@ def init_params(config, seed: int, dtype, shardings_of=None):
     return jax.jit(draw, out_shardings=out_shardings)(jax.random.PRNGKey(seed))
 
 
-def make_step(config, optimizer, args, lora_cfg, out_shardings=None):
+def make_step(config, optimizer, args, lora_cfg, out_shardings=None, mesh=None):
     """jitted step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss); the trained
     tree and the optimizer state are donated (updated in place). out_shardings pins the outputs to the
-    inputs' placement, so step i's outputs are valid inputs of step i+1 of the compiled program."""
+    inputs' placement, so step i's outputs are valid inputs of step i+1 of the compiled program. mesh:
+    traced under it so the model's activations stay split by batch (jaxrl_vl.activation_sharding)."""
     import jax
     import jax.numpy as jnp
     import optax
     from jaxrl_vl import models
+    from jaxrl_vl.activation_sharding import traced_under_mesh
     from jaxrl_vl.losses.sft import chunked_token_logprobs
     from jaxrl_vl.models.lora import overlay
     from jaxrl_vl.train.sft_step import shifted_targets
@@ -153,7 +155,7 @@ def make_step(config, optimizer, args, lora_cfg, out_shardings=None):
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
+    return jax.jit(traced_under_mesh(step, mesh), donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
 def time_vision_tower(visual_params, config, batch, remat: str, repeats: int = 3) -> dict:
@@ -229,7 +231,7 @@ def run_jax(args, config, rows) -> dict:
         attention = "xla"  # cuDNN exists on GPUs only
     while True:
         step = make_step(config, optimizer, argparse.Namespace(**{**vars(args), "attention": attention}),
-                         lora_cfg, out_shardings)
+                         lora_cfg, out_shardings, mesh)
         started = time.perf_counter()
         try:
             compiled = step.lower(trainable, opt_state, frozen, batch).compile()

@@ -2,7 +2,7 @@
 
     python tools/make_sft_data.py --env maze2d --n 1000 --out DIR [--reasoning] [--size 9] [--seed 0]
         [--history K] [--n-test 64] [--action-format tuple|keyword] [--prompt-style visgym|compact]
-        [--cell-px 25] [--no-feedback]
+        [--cell-px 25] [--no-feedback] [--positions corners|random] [--max-steps N]
     python tools/make_sft_data.py --env digits --out DIR [--n N] [--root IMAGE_FOLDER] [--image-px 64]
 
 maze2d: solver demonstrations, one multi-turn multi-image record per episode (all assistant turns
@@ -75,9 +75,10 @@ def _maze_records(env: Maze2DEnv, seed: int, out_dir: str, reasoning: bool, hist
 def write_maze2d(args) -> dict:
     env = Maze2DEnv(size=args.size, action_format=args.action_format, prompt_style=args.prompt_style,
                     verbalize=args.reasoning and args.action_format == "tuple", cell_px=args.cell_px,
-                    include_feedback=not args.no_feedback)
+                    include_feedback=not args.no_feedback, positions=args.positions,
+                    max_steps=args.max_steps or None)
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
-    held_out = eval_layout_keys(args.size, max(args.n_test, 64))
+    held_out = eval_layout_keys(args.size, max(args.n_test, 64), args.positions)
     counts = {"train": 0, "test": 0, "skipped_too_long": 0, "skipped_eval_layout": 0}
     with open(os.path.join(args.out, "train.jsonl"), "w") as f:
         seed = args.seed
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--action-format", choices=("tuple", "keyword"), default="tuple")
     parser.add_argument("--prompt-style", choices=("visgym", "compact"), default="visgym")
     parser.add_argument("--cell-px", type=int, default=25)
+    parser.add_argument("--positions", choices=("corners", "random"), default="corners",
+                        help="maze2d: agent and target at opposite corners (VisGym) or on random floor cells")
+    parser.add_argument("--max-steps", type=int, default=0, help="maze2d: step cap per episode (0 = the env default)")
     parser.add_argument("--no-feedback", action="store_true",
                         help="maze2d: later turns carry no 'Environment feedback: ...' line (fewer tokens per turn)")
     parser.add_argument("--root", default=None, help="digits: existing image folder to reference")

@@ -14,6 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxrl_vl.activation_sharding import BATCH, TENSOR, constrain
 from jaxrl_vl.losses.aggregate import masked
 
 
@@ -65,14 +66,19 @@ def chunked_token_logprobs(hidden: jax.Array, unembed: jax.Array | Callable, tar
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
     # [B, n*C, ...] -> [n, B, C, ...]: lax.map walks the leading (chunk) axis.
-    hidden_chunks = hidden.reshape(batch, num_chunks, chunk, -1).swapaxes(0, 1)
-    target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
+    # Each chunk keeps the batch split of the mesh (activation_sharding; a no-op without one).
+    hidden_chunks = constrain(hidden.reshape(batch, num_chunks, chunk, -1).swapaxes(0, 1), None, BATCH, None, None)
+    target_chunks = constrain(targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1), None, BATCH, None)
 
     def logits_of(h):
         if callable(unembed):
-            return unembed(h)
-        return jnp.einsum("bch,vh->bcv", h.astype(dtype), unembed.astype(dtype),
-                          preferred_element_type=jnp.float32)
+            logits = unembed(h)
+        else:
+            logits = jnp.einsum("bch,vh->bcv", h.astype(dtype), unembed.astype(dtype),
+                                preferred_element_type=jnp.float32)
+        # batch-split like the hidden states, vocab over "tensor" only: one consistent FSDP plan
+        # (gather the unembedding, reduce-scatter its gradient) in the forward and the backward.
+        return constrain(logits, BATCH, None, TENSOR)
 
     # jax.checkpoint: the backward pass recomputes each chunk's logits instead of storing them.
     @jax.checkpoint

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_vl.activation_sharding import BATCH, constrain
 from jaxrl_vl.models.checkpoint import expected_shapes, from_hf_state_dict
 from jaxrl_vl.models.config import ModelConfig
 from jaxrl_vl.models.text import decoder
@@ -58,11 +59,17 @@ def unembed(params: dict, hidden: jax.Array, config: ModelConfig) -> jax.Array:
 
 
 def _gather_per_token(is_image: jax.Array, rows: jax.Array) -> jax.Array:
-    """[B, L] mask, [N, D] rows -> [B, L, D]: the k-th True position (row-major) gets rows[k], others 0."""
-    flat = is_image.reshape(-1)
-    index = jnp.clip(jnp.cumsum(flat) - 1, 0, rows.shape[0] - 1)
-    out = jnp.where(flat[:, None], rows[index], jnp.zeros((), rows.dtype))
-    return out.reshape(*is_image.shape, rows.shape[-1])
+    """[B, L] mask, [N, D] rows -> [B, L, D]: the k-th True position (row-major) gets rows[k], others 0.
+
+    The index is a per-row cumsum plus the image tokens of earlier rows (a cumsum over [B]), not a cumsum
+    over the flattened [B*L] mask, which would make every device of a batch-split mesh see every row."""
+    per_row = jnp.sum(is_image, axis=1, dtype=jnp.int32)
+    earlier_rows = jnp.cumsum(per_row) - per_row
+    index = earlier_rows[:, None] + jnp.cumsum(is_image, axis=1, dtype=jnp.int32) - 1
+    index = constrain(jnp.clip(index, 0, rows.shape[0] - 1), BATCH, None)
+    rows = constrain(rows, None, None)  # any row may hold any image: every device keeps all of them
+    out = jnp.where(is_image[..., None], rows[index], jnp.zeros((), rows.dtype))
+    return constrain(out, BATCH, None, None)
 
 
 def has_images(batch: dict) -> bool:
@@ -76,7 +83,7 @@ def embed_inputs(params: dict, batch: dict, config: ModelConfig, dtype=jnp.float
     Returns (inputs_embeds [B, L, D] in dtype, deepstack [n, B, L, D] or None). The k-th image token in
     row-major (b, l) order receives the k-th merged vision embedding, as transformers' masked_scatter."""
     input_ids = batch["input_ids"]
-    embeds = embedding_table(params)[input_ids].astype(dtype)
+    embeds = constrain(embedding_table(params)[input_ids].astype(dtype), BATCH, None, None)
     if not has_images(batch):
         return embeds, None
     vinputs = {k: v for k, v in batch.items() if k.startswith("vision_")}

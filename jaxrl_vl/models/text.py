@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxrl_vl.activation_sharding import BATCH, TENSOR, constrain
 from jaxrl_vl.models import layers
 from jaxrl_vl.models.config import TextConfig
 from jaxrl_vl.models.layers import activation, linear, rms_norm
@@ -55,9 +56,11 @@ def _attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask, cfg:
 
     mask: bool [B, 1, L, L] for impl "xla"/"cudnn"; int32 [B] real-token counts for "cudnn_causal"."""
     batch, length, _ = x.shape
-    q = linear(p["q_proj"], x, dtype).reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
-    k = linear(p["k_proj"], x, dtype).reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
-    v = linear(p["v_proj"], x, dtype).reshape(batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    # heads split like the column-parallel q/k/v weights (Megatron); batch over (data, fsdp)
+    heads = lambda y, n: constrain(y.reshape(batch, length, n, cfg.head_dim), BATCH, None, TENSOR, None)  # noqa: E731
+    q = heads(linear(p["q_proj"], x, dtype), cfg.num_attention_heads)
+    k = heads(linear(p["k_proj"], x, dtype), cfg.num_key_value_heads)
+    v = heads(linear(p["v_proj"], x, dtype), cfg.num_key_value_heads)
     if cfg.qk_norm:
         q = rms_norm(p["q_norm"], q, cfg.rms_norm_eps)
         k = rms_norm(p["k_norm"], k, cfg.rms_norm_eps)
@@ -72,7 +75,8 @@ def _attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask, cfg:
                                            implementation="cudnn")
     else:
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
-    return linear(p["o_proj"], out.reshape(batch, length, cfg.num_attention_heads * cfg.head_dim), dtype)
+    out = linear(p["o_proj"], out.reshape(batch, length, cfg.num_attention_heads * cfg.head_dim), dtype)
+    return constrain(out, BATCH, None, None)
 
 
 def decoder_layer(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask, cfg: TextConfig,
@@ -83,7 +87,8 @@ def decoder_layer(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask, c
     h = rms_norm(p["post_attention_layernorm"], x, cfg.rms_norm_eps)
     mlp = p["mlp"]
     gated = activation(cfg.hidden_act)(linear(mlp["gate_proj"], h, dtype)) * linear(mlp["up_proj"], h, dtype)
-    return x + linear(mlp["down_proj"], gated, dtype)
+    gated = constrain(gated, BATCH, None, TENSOR)
+    return constrain(x + linear(mlp["down_proj"], gated, dtype), BATCH, None, None)
 
 
 def decoder(params: dict, inputs_embeds: jax.Array, position_ids: jax.Array, segment_ids: jax.Array,
@@ -110,16 +115,23 @@ def decoder(params: dict, inputs_embeds: jax.Array, position_ids: jax.Array, seg
     sliding_mask = attention_mask(segment_ids, cfg.sliding_window) if any(sliding) else None
     num_deepstack = 0 if deepstack_embeds is None else deepstack_embeds.shape[0]
 
+    # The residual stream [B, L, D] stays split by batch (see activation_sharding): without these pins
+    # XLA may all-gather it over the batch rather than gather the FSDP-split weights.
+    if num_deepstack:
+        deepstack_embeds = constrain(deepstack_embeds, None, BATCH, None, None)
+
     def body(x, layer):
         layer_params, layer_index, is_sliding = layer
+        x = constrain(x, BATCH, None, None)
         mask = full_mask if sliding_mask is None else jnp.where(is_sliding, sliding_mask, full_mask)
         x = decoder_layer(layer_params, x, cos, sin, mask, cfg, dtype, impl)
         if num_deepstack:
             # DeepStack: add the visual features of tap `layer_index` after the first n layers
             extra = deepstack_embeds[jnp.minimum(layer_index, num_deepstack - 1)].astype(x.dtype)
             x = x + jnp.where(layer_index < num_deepstack, extra, jnp.zeros_like(extra))
-        return x, None
+        return constrain(x, BATCH, None, None), None
 
     stacked = (params["layers"], jnp.arange(cfg.num_hidden_layers), jnp.asarray(sliding, bool))
-    x, _ = jax.lax.scan(layers.remat(body, remat), inputs_embeds.astype(dtype), stacked)
-    return rms_norm(params["norm"], x, cfg.rms_norm_eps)
+    x = constrain(inputs_embeds.astype(dtype), BATCH, None, None)
+    x, _ = jax.lax.scan(layers.remat(body, remat), x, stacked)
+    return constrain(rms_norm(params["norm"], x, cfg.rms_norm_eps), BATCH, None, None)

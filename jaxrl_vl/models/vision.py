@@ -7,16 +7,19 @@
 Returns (image_embeds [P//m^2, out_hidden], deepstack_embeds [n_deepstack, P//m^2, out_hidden] | None).
 Rows past the real merged tokens are padding (zeros) and must be ignored by the caller.
 
-The whole tower runs in the slot layout of vision_inputs ([N slots, L positions], one frame per slot):
-the patches are gathered into slots once, every block works on [N, L, hidden], attention is one
-batched call over slots with a key-padding length each, and the merged tokens are gathered back to
-processor order at the end. Why the whole tower and not only attention: (1) no gather/scatter per
-layer; (2) with the slot axis split over devices (sharding.batch_shardings does that), every op but
-the first and last gather is local, so FSDP splits the vision compute instead of replicating it;
-(3) the cost of padding positions (slot_len rounded up, empty slots) is bounded by vision_inputs'
-buckets (~12%), less than the power-of-two padding of P that the [P, P] masked attention it
-replaces ran its MLPs on. Qwen2.5-VL's windowed layers gather each slot's windows
-([N, W, Lw], within the slot, so still local) around their attention.
+The whole tower runs in the slot layout of vision_inputs ([N slots, L positions]; a frame fills a run
+of one slot, and mixed-size frames share slots): the patches are gathered into slots once, every block
+works on [N, L, hidden], attention is one batched call over slots, and the merged tokens are gathered
+back to processor order at the end. Attention within a slot: with one frame per slot, a key-padding
+length per slot (no mask tensor: cuDNN flash attention on GPU); with frames sharing slots, a segment
+mask [N, 1, L, L] from vision_slot_segments (jax's cuDNN path takes it as an additive bias). Why the
+whole tower and not only attention: (1) no gather/scatter per layer; (2) with the slot axis split over
+devices (sharding.batch_shardings does that), every op but the first and last gather is local, so FSDP
+splits the vision compute instead of replicating it; (3) padding positions (slot_len rounding, packing
+gaps, empty slots) stay well under the power-of-two padding of P that the [P, P] masked attention it
+replaces ran its MLPs on (vision_inputs' docstring has the numbers). Qwen2.5-VL's windowed layers
+gather each slot's windows ([N, W, Lw], within the slot, so still local; windows never cross frames,
+so they need no segments) around their attention.
 Blocks run under `jax.lax.scan` over the stacked "blocks" params.
 """
 from __future__ import annotations
@@ -57,10 +60,11 @@ def _rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def _attention_implementation(dtype, head_dim: int) -> str | None:
-    """cuDNN flash attention on GPU for bf16/fp16 (per-slot key lengths, no mask tensor); XLA otherwise."""
+def _attention_implementation(dtype, head_dim: int, slot_len: int, masked: bool) -> str | None:
+    """cuDNN flash attention on GPU for bf16/fp16, XLA otherwise. jax's cuDNN path turns a boolean mask
+    into an additive bias, and its backward with a bias needs even sequence lengths (else XLA)."""
     cudnn_ok = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-                and head_dim % 8 == 0 and head_dim <= 128)
+                and head_dim % 8 == 0 and head_dim <= 128 and not (masked and slot_len % 2))
     return "cudnn" if cudnn_ok else None
 
 
@@ -71,16 +75,20 @@ def _take_slots(x: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, index, axis=1, mode="fill", fill_value=0)
 
 
-def _slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, dtype) -> jax.Array:
-    """Bidirectional attention inside each slot over its first `lengths` keys. q/k/v: [S, L, heads, hd]."""
-    head_dim = q.shape[-1]
+def _slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, dtype, lengths: jax.Array | None = None,
+                    segments: jax.Array | None = None) -> jax.Array:
+    """Bidirectional attention inside each slot, over its first `lengths` keys or, given `segments`
+    [S, L], between positions of the same segment. q/k/v: [S, L, heads, hd]."""
+    head_dim, slot_len = q.shape[-1], q.shape[1]
+    mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
+    implementation = _attention_implementation(dtype, head_dim, slot_len, mask is not None)
     return jax.nn.dot_product_attention(q, k, v, scale=head_dim ** -0.5, key_value_seq_lengths=lengths,
-                                        implementation=_attention_implementation(dtype, head_dim))
+                                        mask=mask, implementation=implementation)
 
 
 def _attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, vinputs: dict, windowed,
                num_heads: int, dtype) -> jax.Array:
-    """Self-attention within each slot (frame), or within each window of it when `windowed` (a traced
+    """Self-attention within each frame of a slot, or within each window of it when `windowed` (a traced
     bool, Qwen2.5-VL). x: [N, L, H]; cos/sin: [N, L, head_dim]."""
     num_slots, slot_len, hidden = x.shape
     head_dim = hidden // num_heads
@@ -93,15 +101,16 @@ def _attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, vinputs: d
     k = (k32 * cos + _rotate_half(k32) * sin).astype(dtype)
 
     def per_frame(q, k, v):
-        return _slot_attention(q, k, v, vinputs["vision_slot_lengths"], dtype)
+        return _slot_attention(q, k, v, dtype, lengths=vinputs.get("vision_slot_lengths"),
+                               segments=vinputs.get("vision_slot_segments"))
 
     def per_window(q, k, v):
         index = vinputs["vision_slot_window_index"]  # [N, W, Lw]
         windows = index.shape[1] * num_slots
         gather = lambda t: _take_slots(t, index.reshape(num_slots, -1)).reshape(
             windows, index.shape[2], num_heads, head_dim)
-        out = _slot_attention(gather(q), gather(k), gather(v),
-                              vinputs["vision_slot_window_lengths"].reshape(windows), dtype)
+        out = _slot_attention(gather(q), gather(k), gather(v), dtype,
+                              vinputs["vision_slot_window_lengths"].reshape(windows))
         return _take_slots(out.reshape(num_slots, -1, num_heads, head_dim), vinputs["vision_slot_window_inverse"])
 
     if windowed is None:
@@ -222,10 +231,12 @@ def apply_vision(params_visual: dict, vision_config, pixel_values: jax.Array, vi
             f"pixel_values must be [num_patches, in_channels*temporal_patch_size*patch_size**2={patch_dim}], "
             f"got {tuple(pixel_values.shape)}"
         )
-    required = ["vision_slot_patches", "vision_slot_lengths", "vision_slot_positions", "vision_merged_rows"] + (
+    required = ["vision_slot_patches", "vision_slot_positions", "vision_merged_rows"] + (
         ["vision_slot_interp_indices", "vision_slot_interp_weights"] if arch == "qwen3_vl"
         else ["vision_slot_window_index", "vision_slot_window_lengths", "vision_slot_window_inverse"])
     missing = [key for key in required if key not in vinputs]
+    if ("vision_slot_lengths" in vinputs) == ("vision_slot_segments" in vinputs):
+        missing.append("exactly one of vision_slot_lengths / vision_slot_segments")
     if missing:
         raise ValueError(f"vinputs lacks {missing} for arch={arch}; build it with "
                          "jaxrl_vl.models.vision_inputs.vision_inputs(vision_config, grid_thw, num_patches)")

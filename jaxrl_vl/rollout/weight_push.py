@@ -3,7 +3,9 @@
 Transport `reload` (works on CPU and GPU when the server can read the trainer's disk):
   1. params -> HF-named tensors (`models.checkpoint.to_hf_state_dict`) -> one safetensors file in a
      new folder per version under /dev/shm (memory-backed; written once for all servers);
-  2. on every server: POST /pause?mode=wait (drains in-flight requests; clears the KV/prefix cache)
+  2. on every server: one POST /jaxrl/weights/commit {weights_path} (our plugin's route, which runs
+     the steps below server-side: weight_routes.py; a stock server answers 404 and gets the calls):
+     POST /pause?mode=wait (drains in-flight requests; clears the KV/prefix cache)
      -> POST /collective_rpc reload_weights {weights_path} (the worker also clears encoder and mm
      caches) -> POST /update_weight_version -> POST /reset_prefix_cache, /reset_encoder_cache
      -> POST /resume. Resume always runs once pause succeeded and the trainer gets WeightPushError;
@@ -12,7 +14,10 @@ Transport `reload` (works on CPU and GPU when the server can read the trainer's 
      usable weights (the error says so; `server.restart_server` recovers).
 Transport `stream` (no shared disk; the trainer may be on another host, e.g. a Cloud TPU VM):
   the server runs our weight-transfer backend (plugins/vllm_weight_stream, `--weight-transfer-config
-  {"backend": "jaxrl_stream"}`, ServerConfig.weight_transfer_backend). Per server: /pause ->
+  {"backend": "jaxrl_stream"}`, ServerConfig.weight_transfer_backend). Per server, with our plugin's
+  routes (weight_routes.py): each chunk as raw safetensors bytes to /jaxrl/weights/stage (length and
+  crc32 checked on arrival; the engine keeps serving), then one /jaxrl/weights/commit with the manifest
+  runs the sequence below server-side. Without the routes (404), over vLLM's own: /pause ->
   /start_weight_update -> one POST /update_weights per chunk (a safetensors blob of <= chunk_bytes,
   base64 in the JSON body, with its byte count and crc32; one chunk in memory at a time) -> a commit
   /update_weights {"commit": manifest of names, dtypes, shapes, bytes, chunk count} ->
@@ -148,7 +153,7 @@ async def reload_from_folder(client: VLLMClient, folder: str, version: str | int
 
 
 async def _reload(client: VLLMClient, folder: str, version: str | int, *, pause_mode: str, rpc_timeout_seconds: float,
-                  folder_is_local: bool, expected) -> dict[str, float]:
+                  folder_is_local: bool, expected, plugin_routes: bool = True) -> dict[str, float]:
     """reload_from_folder's work; returns seconds per phase and "total"."""
     start = time.perf_counter()
     if folder_is_local:
@@ -157,13 +162,14 @@ async def _reload(client: VLLMClient, folder: str, version: str | int, *, pause_
         except WeightPushError as error:
             raise WeightPushError(f"{client.base_url}: {error}; refused before loading: nothing pushed, the "
                                   "server keeps its weights and version") from error
-    try:  # the plugin's route: all steps in one request (weight_routes.py)
-        phases = await weight_routes.commit(client, version, pause_mode=pause_mode, weights_path=str(folder))
-        return {**phases, "total": time.perf_counter() - start}
-    except weight_routes.PushRejected as error:
-        raise WeightPushError(f"{client.base_url}: {error}") from error
-    except weight_routes.RoutesMissing:
-        pass  # a stock vLLM server: its own routes, one call per step
+    if plugin_routes:  # all steps in one request (weight_routes.py)
+        try:
+            phases = await weight_routes.commit(client, version, pause_mode=pause_mode, weights_path=str(folder))
+            return {**phases, "total": time.perf_counter() - start}
+        except weight_routes.PushRejected as error:
+            raise WeightPushError(str(error)) from error
+        except weight_routes.RoutesMissing:
+            pass  # a stock vLLM server: its own routes, one call per step
     try:
         await client.request("POST", "/pause", params={"mode": pause_mode, "clear_cache": "true"})
     except VLLMError as error:
@@ -239,17 +245,18 @@ async def stream_to_server(client: VLLMClient, state: dict[str, np.ndarray], ver
 
 
 async def _stream(client: VLLMClient, state: dict[str, np.ndarray], version: str | int, *, chunk_bytes: int,
-                  pause_mode: str) -> dict[str, float]:
+                  pause_mode: str, plugin_routes: bool = True) -> dict[str, float]:
     """stream_to_server's work: the plugin's raw routes, else vLLM's /update_weights with inline chunks.
     Returns seconds per phase and "total"."""
     start = time.perf_counter()
-    try:
-        phases = await _stream_raw(client, state, version, chunk_bytes=chunk_bytes, pause_mode=pause_mode)
-        return {**phases, "total": time.perf_counter() - start}
-    except weight_routes.PushRejected as error:
-        raise WeightPushError(f"{client.base_url}: {error}") from error
-    except weight_routes.RoutesMissing:
-        pass
+    if plugin_routes:
+        try:
+            phases = await _stream_raw(client, state, version, chunk_bytes=chunk_bytes, pause_mode=pause_mode)
+            return {**phases, "total": time.perf_counter() - start}
+        except weight_routes.PushRejected as error:
+            raise WeightPushError(str(error)) from error
+        except weight_routes.RoutesMissing:
+            pass
     chunk_bytes = min(chunk_bytes, INLINE_CHUNK_BYTES)
     try:
         if not getattr(client, "_jaxrl_stream_ready", False):
@@ -314,10 +321,12 @@ async def server_weight_version(client: VLLMClient) -> str | None:
 
 async def push_state_dict(state: dict[str, np.ndarray], clients: Sequence[VLLMClient], version: str | int, *,
                           transport: str = "reload", root: str = "/dev/shm", keep_folder: bool = False,
-                          pause_mode: str = "wait", chunk_bytes: int = STREAM_CHUNK_BYTES) -> PushResult:
+                          pause_mode: str = "wait", chunk_bytes: int = STREAM_CHUNK_BYTES,
+                          plugin_routes: bool = True) -> PushResult:
     """Pushes `state` ({HF name: array}) into every server concurrently, labelled `version`.
     reload: written once under `root` (a fresh folder, removed afterwards unless keep_folder).
-    stream: sent over HTTP in chunks of <= chunk_bytes."""
+    stream: sent over HTTP in chunks of <= chunk_bytes.
+    plugin_routes=False: only vLLM's own routes, as for a server without our plugin's."""
     if transport not in TRANSPORTS:
         raise ValueError(f"transport={transport!r}: expected one of {TRANSPORTS}")
     if not clients:
@@ -330,9 +339,10 @@ async def push_state_dict(state: dict[str, np.ndarray], clients: Sequence[VLLMCl
             num_bytes, write_seconds = write_weights(state, folder)
             expected = {n: (str(np.asarray(a).dtype), np.shape(a)) for n, a in state.items()}
             pushes = [_reload(c, str(folder), version, pause_mode=pause_mode, rpc_timeout_seconds=600.0,
-                              folder_is_local=True, expected=expected) for c in clients]
+                              folder_is_local=True, expected=expected, plugin_routes=plugin_routes) for c in clients]
         else:
-            pushes = [_stream(c, state, version, chunk_bytes=chunk_bytes, pause_mode=pause_mode) for c in clients]
+            pushes = [_stream(c, state, version, chunk_bytes=chunk_bytes, pause_mode=pause_mode,
+                              plugin_routes=plugin_routes) for c in clients]
         results = await asyncio.gather(*pushes, return_exceptions=True)
     finally:
         if not keep_folder:

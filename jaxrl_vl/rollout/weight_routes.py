@@ -85,8 +85,10 @@ async def commit(client: VLLMClient, version: str | int, *, pause_mode: str, num
     server-side. Returns the server's seconds per phase."""
     body = {"version": str(version), "pause_mode": pause_mode, "num_chunks": num_chunks, "manifest": manifest,
             "weights_path": weights_path}
+    start = time.perf_counter()
     try:
         answer = await client.request("POST", COMMIT_ROUTE, json=body)
     except VLLMError as error:
         _raise_for(error, f"commit of version {version}")
-    return {f"server_{phase}": seconds for phase, seconds in answer["seconds"].items()}
+    return {"commit": time.perf_counter() - start,
+            **{f"server_{phase}": seconds for phase, seconds in answer["seconds"].items()}}

@@ -39,8 +39,9 @@ def _grid(group: list) -> np.ndarray:
 
 def make_stacked_collate(model_config, *, grad_accum_steps: int, max_length: int, loss_on: str,
                          image_mean, image_std, packing: bool, pad_id: int | None = None,
-                         min_bucket_length: int = 64, min_patches: int = 64):
-    """-> collate(rows: list of batch_size lists of RenderedExample) -> dict of stacked arrays."""
+                         min_bucket_length: int = 64, min_patches: int = 64, num_slots_multiple: int = 1):
+    """-> collate(rows: list of batch_size lists of RenderedExample) -> dict of stacked arrays.
+    num_slots_multiple: the devices that split the vision slot axis (data*fsdp; see slot_shape)."""
     buckets = batching.length_buckets(max_length, min_bucket_length)
 
     def collate(rows: list[list]) -> dict:
@@ -55,7 +56,8 @@ def make_stacked_collate(model_config, *, grad_accum_steps: int, max_length: int
         length = max_length if packing else batching.bucket_for(longest, buckets)
         patches = [sum(_num_patches(examples) for examples in group) for group in groups]
         patch_count = batching.patch_bucket(max(patches), min_patches)
-        slots = slot_shape(model_config.vision, *[_grid(group) for group in groups])
+        slots = slot_shape(model_config.vision, *[_grid(group) for group in groups],
+                           num_slots_multiple=num_slots_multiple)
         micro_batches = [make_batch(group, model_config, pad_to_length=length, pad_patches_to=patch_count,
                                     pad_id=pad_id, vision_slots=slots) for group in row_dicts]
         stacked = {key: np.stack([b[key] for b in micro_batches]) for key in micro_batches[0]

@@ -33,6 +33,7 @@ def write_maze_demos(maze, out_dir: str) -> str:
                "--n", str(maze.num_demos), "--n-test", str(maze.num_test_demos), "--size", str(maze.size),
                "--cell-px", str(maze.cell_px), "--action-format", maze.action_format,
                "--prompt-style", maze.prompt_style, "--seed", str(maze.demo_seed), "--out", tmp]
+    command += ["--positions", maze.positions, "--max-steps", str(maze.max_steps)]
     if not maze.include_feedback:
         command.append("--no-feedback")
     result = subprocess.run(command, capture_output=True, text=True)
@@ -46,10 +47,10 @@ def write_maze_demos(maze, out_dir: str) -> str:
 def _env_kwargs(maze) -> dict:
     from jaxrl_vl.envs.maze2d.generate import default_max_steps
 
-    # the step cap appears in the prompt ("allowed to take N more steps"): keep the demos' default
+    # the step cap appears in the prompt ("allowed to take N more steps"): the same as the demos'
     return {"size": maze.size, "cell_px": maze.cell_px, "action_format": maze.action_format,
             "prompt_style": maze.prompt_style, "include_feedback": maze.include_feedback,
-            "max_steps": default_max_steps(maze.size)}
+            "positions": maze.positions, "max_steps": maze.max_steps or default_max_steps(maze.size)}
 
 
 def run_sft_then_rl(config) -> dict:
@@ -78,6 +79,9 @@ def run_sft_then_rl(config) -> dict:
     rl.model.path, rl.model.build_size, rl.model.random_init = sft_summary["export_dir"], "", False
     for key, value in _env_kwargs(config.maze).items():
         rl.rl.env_kwargs[key] = value
+    # training episodes never land on a held-out layout; the held-out evaluation plays exactly those
+    rl.rl.env_kwargs.exclude_eval_layouts = True
+    rl.rl.eval_env_kwargs.exclude_eval_layouts = False
     rl.vllm.max_images_per_prompt = max(rl.vllm.max_images_per_prompt, rl.rl.env_kwargs.max_steps)
     summary = run_rl(rl)
     summary.update({f"sft_{k}": v for k, v in sft_summary.items() if k in ("steps", "wall_seconds", "run_dir")})

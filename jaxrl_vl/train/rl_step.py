@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl_vl import models
+from jaxrl_vl.activation_sharding import traced_under_mesh
 from jaxrl_vl.losses.aggregate import masked
 from jaxrl_vl.losses.policy import PolicyLossConfig, compute_policy_loss
 from jaxrl_vl.losses.sft import chunked_token_logprobs, token_logprobs
@@ -84,13 +85,15 @@ def _loss_weight_count(loss_config: PolicyLossConfig, mask: jax.Array, segment_i
 def make_rl_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                  loss_config: PolicyLossConfig, *, old_logprobs: str = "rollout", max_turns_logged: int = 8,
                  dtype=jnp.float32, remat: str = "none", loss_chunk_size: int = 0,
-                 lora_overlay: Callable | None = None, donate: bool = True):
+                 lora_overlay: Callable | None = None, donate: bool = True, mesh=None):
     """-> jitted step(state, batches [A, ...]) -> (TrainState, metrics dict of fp32 scalars).
 
     Metrics: loss, policy_loss, clip_fraction (and the policy loss's other indicators), entropy,
     drift_mean / drift_max (|trainer - vLLM| logprob on sampled tokens, pre-update params),
     drift_turn_<k> for k < max_turns_logged, kl_to_ref (with ref_logprobs), ratio stats,
     grad_norm, learning_rate, loss_tokens, sequences.
+    mesh: the device mesh state and batches live on (None: one device); the step is traced under it
+    so the model's activations stay split by batch (jaxrl_vl.activation_sharding).
     """
     if old_logprobs not in OLD_LOGPROBS_SOURCES:
         raise ValueError(f"old_logprobs={old_logprobs!r}; choose one of {OLD_LOGPROBS_SOURCES}")
@@ -165,13 +168,14 @@ def make_rl_step(model_config, optimizer: optax.GradientTransformation, schedule
             metrics[f"drift_turn_{k}"] = turn_drift[k]
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    return jax.jit(traced_under_mesh(step, mesh), donate_argnums=(0,) if donate else ())
 
 
 def make_score_logprobs(model_config, *, dtype=jnp.float32, loss_chunk_size: int = 0,
-                        lora_overlay: Callable | None = None):
+                        lora_overlay: Callable | None = None, mesh=None):
     """-> jitted score(params, lora, batch [B, ...]) -> trainer logprobs fp32 [B, L] aligned with
-    the tokens (index t = logprob of token t; 0 at t = 0). For reference-policy KL and checks."""
+    the tokens (index t = logprob of token t; 0 at t = 0). For reference-policy KL and checks.
+    mesh: as in make_rl_step."""
 
     def score(params, lora, batch):
         batch = {k: v for k, v in batch.items() if k not in HOST_ONLY_KEYS}
@@ -183,7 +187,7 @@ def make_score_logprobs(model_config, *, dtype=jnp.float32, loss_chunk_size: int
         # the logprob predicting token t sits at t-1: move it to t
         return jnp.concatenate([jnp.zeros_like(logprobs[:, :1]), logprobs[:, :-1]], axis=1)
 
-    return jax.jit(score)
+    return jax.jit(traced_under_mesh(score, mesh))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -178,7 +178,8 @@ def run_sft(config) -> dict:
                         packing=config.data.packing, prefetch_batches=config.data.prefetch,
                         process_index=jax.process_index(), process_count=jax.process_count())
     collate = make_stacked_collate(model_config, grad_accum_steps=train_cfg.grad_accum_steps,
-                                   packing=config.data.packing, **data.collate_kwargs)
+                                   packing=config.data.packing, **data.collate_kwargs,
+                                   num_slots_multiple=mesh.shape["data"] * mesh.shape["fsdp"])
     iterator = iter(make_dataset(data.train, spec, collate))
 
     store = CheckpointStore(setup.checkpoint_dir(config, run_dir), every_steps=config.checkpoint.every_steps,
@@ -197,9 +198,10 @@ def run_sft(config) -> dict:
     donate = jax.default_backend() != "cpu"
     step_fn = make_sft_step(model_config, optimizer, schedule, dtype=dtype, remat=config.model.remat,
                             loss_chunk_size=train_cfg.loss_chunk_size, lora_overlay=lora_overlay, donate=donate,
-                            state_shardings=state_shardings(state), metrics_sharding=sharding.replicated(mesh))
+                            state_shardings=state_shardings(state), metrics_sharding=sharding.replicated(mesh),
+                            mesh=mesh)
     eval_nll = make_eval_nll(model_config, dtype=dtype, loss_chunk_size=train_cfg.loss_chunk_size,
-                             lora_overlay=lora_overlay)
+                             lora_overlay=lora_overlay, mesh=mesh)
     generator = _make_generator(config, model_dir, model_config, data, dtype, run_dir)
     peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, train_cfg.peak_flops_per_device)
     backward_factor = 1.0 if lora is not None else 2.0

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl_vl import models
+from jaxrl_vl.activation_sharding import traced_under_mesh
 from jaxrl_vl.losses.sft import chunked_token_logprobs, cross_entropy_loss, token_logprobs
 from jaxrl_vl.train.state import TrainState, with_trainable
 
@@ -59,7 +60,7 @@ def target_logprobs(params: dict, batch: dict, model_config, *, dtype=jnp.float3
 def make_sft_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
                   dtype=jnp.float32, remat: str = "none", loss_chunk_size: int = 0,
                   lora_overlay: Callable | None = None, donate: bool = True, state_shardings=None,
-                  metrics_sharding=None):
+                  metrics_sharding=None, mesh=None):
     """-> jitted step(state: TrainState, batches: dict [A, ...]) -> (TrainState, metrics dict).
 
     lora_overlay: (params, lora) -> params with the LoRA tree inserted (models.lora.overlay bound to
@@ -67,6 +68,8 @@ def make_sft_step(model_config, optimizer: optax.GradientTransformation, schedul
     state_shardings / metrics_sharding: output shardings (a TrainState of shardings, e.g. from
       `state_shardings(state)`, and one sharding for all metrics); fixing them keeps the state's
       placement identical across steps, so the step compiles once.
+    mesh: the device mesh the state and batches live on; the step is traced under it so the model's
+      activations stay split by batch (jaxrl_vl.activation_sharding). None: one device.
     Metrics (fp32 scalars): loss (mean NLL per target token), target_tokens, tokens (non-padding),
       grad_norm (before clipping), learning_rate (used for this update).
     """
@@ -107,12 +110,14 @@ def make_sft_step(model_config, optimizer: optax.GradientTransformation, schedul
         return new_state, metrics
 
     out_shardings = None if state_shardings is None else (state_shardings, metrics_sharding)
-    return jax.jit(step, donate_argnums=(0,) if donate else (), out_shardings=out_shardings)
+    return jax.jit(traced_under_mesh(step, mesh), donate_argnums=(0,) if donate else (),
+                   out_shardings=out_shardings)
 
 
 def make_eval_nll(model_config, *, dtype=jnp.float32, loss_chunk_size: int = 0,
-                  lora_overlay: Callable | None = None):
-    """-> jitted nll(params, lora, batch [B, ...]) -> (sum of target NLL, number of targets)."""
+                  lora_overlay: Callable | None = None, mesh=None):
+    """-> jitted nll(params, lora, batch [B, ...]) -> (sum of target NLL, number of targets).
+    mesh: as in make_sft_step."""
 
     def nll(params, lora, batch):
         batch = {k: v for k, v in batch.items() if k not in HOST_ONLY_KEYS}
@@ -122,4 +127,4 @@ def make_eval_nll(model_config, *, dtype=jnp.float32, loss_chunk_size: int = 0,
                                             loss_chunk_size=loss_chunk_size)
         return cross_entropy_loss(logprobs, weights, reduction="sum"), jnp.sum(weights != 0).astype(jnp.float32)
 
-    return jax.jit(nll)
+    return jax.jit(traced_under_mesh(nll, mesh))

@@ -15,7 +15,9 @@ from PIL import Image
 
 from jaxrl_vl.envs.base import Message, StepResult, image_part, text_part, user_message
 from jaxrl_vl.envs.maze2d import actions as A
+from jaxrl_vl.envs.maze2d.evaluate import eval_layout_keys
 from jaxrl_vl.envs.maze2d.generate import (
+    POSITIONS,
     MazeLayout,
     Position,
     check_size,
@@ -24,6 +26,8 @@ from jaxrl_vl.envs.maze2d.generate import (
 )
 from jaxrl_vl.envs.maze2d.render import VISGYM_CELL_PX, check_cell_px, render_ansi, render_frame
 from jaxrl_vl.envs.maze2d.solver import shortest_path
+
+SKIP_SEED_STRIDE = 7_919_993  # next candidate seed when a training seed draws a held-out layout
 
 
 def apply_action(walls, agent: Position, action: A.Action) -> tuple[Position, str, bool]:
@@ -60,6 +64,10 @@ class Maze2DEnv:
         processor's min pixel bound allows it).
       include_feedback: put "Environment feedback: ..." in later turns (VisGym flag).
       target_hole: reproduce VisGym's white hole in the target after the agent leaves it.
+      positions: "corners" (VisGym) or "random" start and target cells (generate.random_layout).
+      exclude_eval_layouts: training envs set this so that reset(seed) never lands on one of the
+        held-out evaluation layouts (evaluate.eval_layout_keys): it moves on to the next candidate
+        seed. Matters when the layout space is small (e.g. 5x5 with random positions).
     """
 
     def __init__(
@@ -73,6 +81,8 @@ class Maze2DEnv:
         cell_px: int = VISGYM_CELL_PX,
         include_feedback: bool = True,
         target_hole: bool = True,
+        positions: str = "corners",
+        exclude_eval_layouts: bool = False,
     ):
         check_size(size)
         self.size = size
@@ -88,13 +98,17 @@ class Maze2DEnv:
         self.cell_px = cell_px
         self.include_feedback = include_feedback
         self.target_hole = target_hole
+        if positions not in POSITIONS:
+            raise ValueError(f"positions={positions!r}: choose one of {POSITIONS}")
+        self.positions = positions
+        self.exclude_eval_layouts = exclude_eval_layouts
         self.layout: MazeLayout | None = None
 
     # -- state ------------------------------------------------------------------------------
 
     def reset(self, seed: int, layout: MazeLayout | None = None) -> list[Message]:
         """Start the episode for `seed` (or on a given layout, e.g. a hand-built maze)."""
-        self.layout = random_layout(self.size, seed) if layout is None else layout
+        self.layout = self._layout_for(seed) if layout is None else layout
         if self.layout.size != self.size or self.layout.walls.shape != (self.size, self.size):
             raise ValueError(f"layout is {self.layout.walls.shape}, env size is {self.size}")
         self.seed = seed
@@ -106,6 +120,16 @@ class Maze2DEnv:
         self.optimal_moves = None if path is None else len(path) - 1
         text = self.instructions + "\n" + A.step_line(0, self.max_turns)
         return [user_message(image_part(self.frame()), text_part(text))]
+
+    def _layout_for(self, seed: int) -> MazeLayout:
+        layout = random_layout(self.size, seed, self.positions)
+        if self.exclude_eval_layouts:
+            held_out = eval_layout_keys(self.size, positions=self.positions)
+            candidate = seed
+            while layout.key() in held_out:  # deterministic: the same seed always gives the same maze
+                candidate += SKIP_SEED_STRIDE
+                layout = random_layout(self.size, candidate, self.positions)
+        return layout
 
     def frame(self) -> Image.Image:
         self._require_started()

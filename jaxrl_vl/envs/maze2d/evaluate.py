@@ -7,6 +7,7 @@ layout that equals an evaluation layout), so the same `n` and `size` always give
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 from jaxrl_vl.envs.base import Episode, Policy, run_episode
@@ -20,9 +21,10 @@ def eval_seeds(n: int = DEFAULT_EVAL_EPISODES) -> list[int]:
     return [EVAL_SEED_OFFSET + i for i in range(n)]
 
 
-def eval_layout_keys(size: int, n: int = DEFAULT_EVAL_EPISODES) -> set[bytes]:
+@functools.lru_cache(maxsize=16)
+def eval_layout_keys(size: int, n: int = DEFAULT_EVAL_EPISODES, positions: str = "corners") -> frozenset[bytes]:
     """Identities of the held-out layouts, to keep them out of training data."""
-    return {random_layout(size, s).key() for s in eval_seeds(n)}
+    return frozenset(random_layout(size, s, positions).key() for s in eval_seeds(n))
 
 
 def summarize(episodes: list[Episode]) -> dict[str, Any]:

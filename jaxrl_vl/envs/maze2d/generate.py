@@ -17,6 +17,7 @@ HARD_SIZE = 11  # VisGym maze_2d/hard
 MAX_STEPS_BY_SIZE = {EASY_SIZE: 20, HARD_SIZE: 30}
 
 Position = tuple[int, int]
+POSITIONS = ("corners", "random")  # where the agent and the target start (random_layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +93,23 @@ def corner_pairs(size: int) -> list[tuple[Position, Position]]:
     return [((lo, lo), (hi, hi)), ((hi, hi), (lo, lo)), ((hi, lo), (lo, hi)), ((lo, hi), (hi, lo))]
 
 
-def random_layout(size: int, seed: int) -> MazeLayout:
-    """The episode layout for `seed`: same seed and size give the same maze on every machine."""
+def random_layout(size: int, seed: int, positions: str = "corners") -> MazeLayout:
+    """The episode layout for `seed`: same seed and size give the same maze on every machine.
+
+    positions: "corners" (VisGym: agent and target at opposite interior corners) or "random"
+    (two distinct random floor cells: shorter, more varied episodes, e.g. for small CPU runs).
+    """
     check_size(size)
+    if positions not in POSITIONS:
+        raise ValueError(f"positions={positions!r}: choose one of {POSITIONS}")
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, size])
     walls = wilson_maze(size, rng)
-    agent, target = corner_pairs(size)[int(rng.integers(4))]
+    if positions == "corners":
+        agent, target = corner_pairs(size)[int(rng.integers(4))]
+    else:
+        floor = np.argwhere(walls == 0)
+        first, second = rng.choice(len(floor), size=2, replace=False)
+        agent, target = tuple(int(v) for v in floor[first]), tuple(int(v) for v in floor[second])
     return MazeLayout(walls=walls, agent=agent, target=target)
 
 

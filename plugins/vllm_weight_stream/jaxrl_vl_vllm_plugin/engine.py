@@ -5,7 +5,9 @@ chunks of bounded size, each chunk a safetensors blob in base64 inside the JSON 
 POST /update_weights, between POST /start_weight_update and POST /finish_weight_update. Nothing
 touches a shared disk, so the trainer may run on another host (e.g. a Cloud TPU VM feeding a GPU
 vLLM server). Checkpoint-format names go through the model's own `load_weights` (fused q/k/v and
-gate/up handled by vLLM) under layerwise reload, as vLLM's IPC backend does.
+gate/up handled by vLLM) under layerwise reload, as vLLM's IPC backend does. The plugin's own
+routes (routes.py) instead stage each chunk raw into a shared-memory file on this host and pass
+its path (`staged_path`): same checks and commit, no base64, no copy through the engine's RPCs.
 
 Staging. vLLM's layerwise reload moves the model's parameters to the meta device first, so a push
 that fails half way would leave the server without usable weights. Chunks are therefore only

@@ -104,6 +104,7 @@ async def stage(request: Request, index: int, num_bytes: int, crc32: int | None 
 
 @router.post("/jaxrl/weights/commit")
 async def commit(request: Request, body: CommitRequest):
+    handler_start = time.perf_counter()
     receiver, engine = _receiver(request), _receiver(request).engine
     if (body.weights_path is None) == (body.manifest is None):
         return _error(400, "commit: give either `weights_path` (reload) or `manifest` with `num_chunks` (stream)")
@@ -149,6 +150,7 @@ async def commit(request: Request, body: CommitRequest):
                                f"(weight_version {old_version}): {error}")
         await engine.resume_generation()
         lap("resume")
+    seconds["handler"] = time.perf_counter() - handler_start
     return JSONResponse({"weight_version": body.version, "seconds": seconds})
 
 
