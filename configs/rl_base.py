@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     rl.temperature = 1.0              # vLLM's logprobs are of the temperature-1 distribution: keep 1.0
     rl.top_p = 1.0
     rl.eval_temperature = 0.0         # greedy held-out episodes
+    rl.eval_samples_per_seed = 1      # held-out episodes per seed (> 1 with eval_temperature > 0: success averaged)
     rl.sampling_seed = 0
     rl.advantage = "grpo"             # grpo | grpo_no_std | dr_grpo | rloo | reinforce_plus_plus[_baseline]
     rl.filter_zero_variance_groups = True  # DAPO dynamic sampling: drop groups whose rewards are all equal

@@ -21,6 +21,7 @@ def _tiny_main_job(model_dir: str, run_dir: str):
     sft = config.sft
     sft.model.path, sft.model.build_size, sft.model.random_init = model_dir, "", False
     sft.train.num_steps, sft.train.batch_size, sft.train.grad_accum_steps = 2, 2, 1
+    sft.optim.warmup_steps = 1
     sft.checkpoint.async_save = sft.metrics.progress_bar = sft.metrics.plot_at_end = sft.metrics.use_wandb = False
     sft.eval.every_steps, sft.eval.nll_num_examples = 2, 2
     rl = config.rl

@@ -352,3 +352,30 @@ def test_real_patch_and_window_geometry_matches_float64_transformers(arch):
     np.testing.assert_allclose(np.asarray(embeds)[:num_real_tokens], want_embeds, atol=TOL, rtol=0)
     if arch == "qwen3_vl":
         np.testing.assert_allclose(np.asarray(deepstack)[:, :num_real_tokens], want_deepstack, atol=TOL, rtol=0)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention exists on GPUs only")
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
+def test_cudnn_bf16_packed_slots_keep_frames_apart(arch):
+    """On GPU in bf16 the tower takes cuDNN attention, with the in-slot segment mask for packed
+    mixed sizes: a frame's tokens match fp32 XLA within bf16 noise, and changing one frame moves no
+    other frame sharing its slot."""
+    from jaxrl_vl.models import vision
+
+    vision_config = _tiny_config(arch)
+    assert vision._attention_implementation(jnp.bfloat16, 16, 32, True) == "cudnn"
+    params = _stacked_params(_hf_vision_model(arch, vision_config).state_dict())
+    _, padded = _patches(vision_config, GRID_THW, num_padding=20, seed=3)
+    vinputs = vision_inputs(vision_config, GRID_THW, padded.shape[0])
+    assert "vision_slot_segments" in vinputs  # packed: several frames share a slot
+    run = jax.jit(lambda x, dtype: apply_vision(params, vision_config, x, vinputs, dtype)[0], static_argnums=1)
+    frame_tokens = np.repeat(np.arange(5), [6, 8, 4, 4, 1])
+    want = np.asarray(run(jnp.asarray(padded), jnp.float32))[:len(frame_tokens)]
+    got = np.asarray(run(jnp.asarray(padded), jnp.bfloat16).astype(jnp.float32))[:len(frame_tokens)]
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+    changed = padded.copy()
+    changed[:4 * 6] += 3.0  # frame 0, packed together with frame 4 (tests above pin the layout)
+    after = np.asarray(run(jnp.asarray(changed), jnp.bfloat16).astype(jnp.float32))[:len(frame_tokens)]
+    delta = np.abs(after - got).max(axis=1)
+    assert delta[frame_tokens == 0].min() > 1e-2
+    np.testing.assert_allclose(delta[frame_tokens != 0], 0.0, atol=1e-6)

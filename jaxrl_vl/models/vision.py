@@ -29,6 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxrl_vl.activation_sharding import BATCH, TENSOR, constrain
 from jaxrl_vl.models.layers import activation, layer_norm, linear, rms_norm
 from jaxrl_vl.models.layers import remat as remat_block
 from jaxrl_vl.models.vision_inputs import vision_arch
@@ -123,20 +124,23 @@ def _attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, vinputs: d
 def _qwen3_block(p: dict, x, cos, sin, vinputs, vision_config, dtype):
     act = activation(vision_config.hidden_act)
     h = layer_norm(p["norm1"], x, NORM_EPS)
-    x = x + _attention(p["attn"], h, cos, sin, vinputs, None, int(vision_config.num_heads), dtype)
+    x = x + constrain(_attention(p["attn"], h, cos, sin, vinputs, None, int(vision_config.num_heads), dtype),
+                      BATCH, None, None)
     h = layer_norm(p["norm2"], x, NORM_EPS)
     mlp = p["mlp"]
-    return x + linear(mlp["linear_fc2"], act(linear(mlp["linear_fc1"], h, dtype)), dtype)
+    hidden = constrain(act(linear(mlp["linear_fc1"], h, dtype)), BATCH, None, TENSOR)
+    return constrain(x + linear(mlp["linear_fc2"], hidden, dtype), BATCH, None, None)
 
 
 def _qwen2_5_block(p: dict, x, cos, sin, vinputs, windowed, vision_config, dtype):
     act = activation(vision_config.hidden_act)
     h = rms_norm(p["norm1"], x, NORM_EPS)
-    x = x + _attention(p["attn"], h, cos, sin, vinputs, windowed, int(vision_config.num_heads), dtype)
+    x = x + constrain(_attention(p["attn"], h, cos, sin, vinputs, windowed, int(vision_config.num_heads), dtype),
+                      BATCH, None, None)
     h = rms_norm(p["norm2"], x, NORM_EPS)
     mlp = p["mlp"]
-    gated = act(linear(mlp["gate_proj"], h, dtype)) * linear(mlp["up_proj"], h, dtype)
-    return x + linear(mlp["down_proj"], gated, dtype)
+    gated = constrain(act(linear(mlp["gate_proj"], h, dtype)) * linear(mlp["up_proj"], h, dtype), BATCH, None, TENSOR)
+    return constrain(x + linear(mlp["down_proj"], gated, dtype), BATCH, None, None)
 
 
 def _scan_blocks(block_fn, blocks: dict, x: jax.Array, per_layer, remat: str) -> jax.Array:

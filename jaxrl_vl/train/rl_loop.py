@@ -50,7 +50,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def agent_config(rl, *, evaluation: bool = False) -> AgentConfig:
-    return AgentConfig(samples_per_group=1 if evaluation else rl.samples_per_group,
+    return AgentConfig(samples_per_group=rl.get("eval_samples_per_seed", 1) if evaluation else rl.samples_per_group,
                        max_concurrent_episodes=rl.max_concurrent_episodes, max_turns=rl.max_turns or None,
                        max_tokens_per_turn=rl.max_tokens_per_turn, max_sequence_tokens=rl.max_sequence_tokens,
                        max_generated_tokens=rl.max_generated_tokens or None,
