@@ -35,6 +35,12 @@ def _tiny_main_job(model_dir: str, run_dir: str):
     return config
 
 
+def config_samples_per_seed() -> int:
+    from jaxrl_vl.train.config_overrides import load_config_file
+
+    return int(load_config_file(str(REPO / "configs" / "demo.py")).rl.rl.eval_samples_per_seed)
+
+
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_main_job_runs_sft_then_rl_and_resumes(tiny_model_dir, tmp_path):
@@ -43,7 +49,8 @@ def test_main_job_runs_sft_then_rl_and_resumes(tiny_model_dir, tmp_path):
     run_dir = str(tmp_path / "run")
     summary = run_sft_then_rl(_tiny_main_job(tiny_model_dir, run_dir))
     assert all(summary[key] is not None for key in SUMMARY_KEYS), summary
-    assert summary["rl_steps"] == 1 and summary["sft_steps"] == 2 and summary["eval_episodes"] == 2
+    assert summary["rl_steps"] == 1 and summary["sft_steps"] == 2 and summary["eval_seeds"] == 2
+    assert summary["eval_episodes"] == 2 * config_samples_per_seed()
     assert 0.0 <= summary["success_before_rl"] <= 1.0 and summary["max_drift"] <= 1e-4
     data = pathlib.Path(run_dir, "data", "train.jsonl").read_text().splitlines()
     assert len(data) == 6 and "Environment feedback" not in data[0]  # config.maze.include_feedback = False
