@@ -38,7 +38,9 @@ async def _sample(client: VLLMClient) -> tuple[list[int], list[float], list[str]
 
 def _run(server, scenario):
     async def main():
-        async with VLLMClient(server.url, server.served_model_name, max_retries=0) as client:
+        # One retry, for transport errors only (a 4xx/500 is never retried): after an unhandled error
+        # uvicorn closes the keep-alive connection, and the next call on the pooled socket reads EOF.
+        async with VLLMClient(server.url, server.served_model_name, max_retries=1, backoff_seconds=0.05) as client:
             return await scenario(client)
     return asyncio.run(main())
 
