@@ -214,7 +214,7 @@ def run_jax(args, config, rows) -> dict:
                              else jax.device_put(a, sharding.replicated(mesh)), opt_state)
     batch = models.make_batch(rows, config, pad_to_length=args.seq_len)
     batch = {k: v for k, v in batch.items() if k != "image_grid_thw"}  # host-side only
-    # The vision tower runs on [slots, slot_len] (one frame per slot; models.vision_inputs), split over
+    # The vision tower runs on [slots, slot_len] (same-size frames: one per slot; models.vision_inputs), split over
     # the FSDP devices when they divide the slot count.
     vision_slots = list(np.shape(batch["vision_slot_patches"])) if "vision_slot_patches" in batch else None
     batch = sharding.shard_batch(batch, mesh)
