@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.random_init = False  # train from freshly initialised weights of the checkpoint's config
     c.model.dtype = "float32"  # compute dtype ("float32" | "bfloat16"); master weights stay fp32
     c.model.remat = "none"     # activation rematerialisation policy of models.apply
+    c.model.layer_loop = "scan"  # text decoder layers: "scan" (fast compile) | "unrolled" (GPU: ~4% faster steps)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.enabled = False     # train only a LoRA adapter (params frozen)

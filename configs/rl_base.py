@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     rl.sampling_seed = 0
     rl.advantage = "grpo"             # grpo | grpo_no_std | dr_grpo | rloo | reinforce_plus_plus[_baseline]
     rl.filter_zero_variance_groups = True  # DAPO dynamic sampling: drop groups whose rewards are all equal
+    rl.step_advantage_weight = 0.0    # > 0: GiGPO turn-level credit, A = A_episode + w * A_step over turns taken in the
+                                      # same env state (envs with state_key(); losses/step_advantages.py)
+    rl.step_discount = 0.95           # gamma of the per-turn returns the step-level groups compare
     rl.train_seed_offset = 0          # step s uses env seeds offset + (s-1)*num_groups + [0, num_groups)
     rl.eval_seed_offset = 1_000_000   # held-out seeds offset + [0, eval_episodes), same before and after RL
     rl.eval_episodes = 32
@@ -70,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     v.enforce_eager = True
     v.max_concurrent_requests = 16
     v.transport = "reload"            # weight push: "reload" (shared disk, /dev/shm) | "stream" (over HTTP, no shared disk)
+                                      # | "shm" (same host, CPU eager server: the trainer writes the server's weights in place)
     v.token_env = ""                  # env var holding the server's bearer token (launch/vllm_gpu_server.sh); "" = none
     v.on_server_failure = "restart"   # a started server dies mid-run: "restart" it on the current weights and redo
                                       # the step's rollouts, or "stop" the run with an error naming it and its log

@@ -66,12 +66,13 @@ def small_model_dirs() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model_dir, tmp_path_factory):
-    """A running CPU vLLM server (float32, eager, 2048 context, 1 GiB KV cache, both weight-push
+    """A running CPU vLLM server (float32, eager, 2048 context, 1 GiB KV cache, all three weight-push
     transports) on the qwen3_vl tiny checkpoint; yields its ServerHandle, stopped at session end."""
     from jaxrl_vl.rollout.server import ServerConfig, start_server, stop_server
 
     config = ServerConfig(model=tiny_model_dir, served_model_name="tiny", dtype="float32", max_model_len=2048,
                           cpu_kv_cache_gib=1, enforce_eager=True, seed=0, weight_transfer_backend="jaxrl_stream",
+                          shm_weights=True,
                           log_dir=str(tmp_path_factory.mktemp("vllm_logs")))
     handle = start_server(config)
     try:

@@ -25,7 +25,7 @@ from jaxrl_vl.models import apply as apply_eager  # noqa: E402
 
 # jitted once per (config, dtype, remat, return_hidden): eager dispatch of every op is what makes
 # un-jitted model tests slow on a busy CPU
-apply = jax.jit(apply_eager, static_argnames=("config", "dtype", "remat", "return_hidden"))
+apply = jax.jit(apply_eager, static_argnames=("config", "dtype", "remat", "return_hidden", "layer_loop"))
 
 TOLERANCE = 1e-4
 
@@ -138,6 +138,26 @@ def test_remat_policies_and_hidden_states_agree(model_dirs, arch):
                                atol=1e-5)
     with pytest.raises(ValueError, match="remat"):
         apply_eager(params, batch, config, remat="sometimes")
+
+
+@pytest.mark.slow
+def test_unrolled_layer_loop_matches_scan(model_dirs):
+    """layer_loop="unrolled" (a Python loop over the stacked layers) = lax.scan: logits and gradients."""
+    config, params = load(model_dirs[("qwen3_vl", False)])
+    _, batch = _synthetic_batch(config)
+
+    def loss(p, layer_loop):
+        return jnp.mean(apply(p, batch, config, remat="dots", layer_loop=layer_loop) ** 2)
+
+    scan_loss, scan_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, "scan")
+    loop_loss, loop_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, "unrolled")
+    np.testing.assert_allclose(float(loop_loss), float(scan_loss), rtol=1e-6)
+    layers_grad = jax.tree.leaves(loop_grads["model"]["language_model"]["layers"])
+    assert all(np.abs(np.asarray(g)).max() > 0 for g in layers_grad)  # every stacked layer weight learns
+    for a, b in zip(jax.tree.leaves(loop_grads), jax.tree.leaves(scan_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    with pytest.raises(ValueError, match="layer_loop"):
+        apply_eager(params, batch, config, layer_loop="while")
 
 
 @pytest.mark.slow

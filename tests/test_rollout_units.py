@@ -2,6 +2,7 @@
 the kwargs_data decoder's format checks, message conversion, client retries and errors."""
 import asyncio
 import base64
+import dataclasses
 import json
 
 import httpx
@@ -13,7 +14,8 @@ from PIL import Image
 from jaxrl_vl.rollout import mm_decode
 from jaxrl_vl.rollout.client import ContextLengthError, VLLMClient, VLLMError
 from jaxrl_vl.rollout.messages import to_openai_messages
-from jaxrl_vl.rollout.server import VLLM_PLUGIN_NAMES, ServerConfig, ServerHandle, server_command, stop_server
+from jaxrl_vl.rollout.server import (SHM_WORKER_EXTENSION, VLLM_PLUGIN_NAMES, ServerConfig, ServerHandle,
+                                     server_command, stop_server)
 from jaxrl_vl.rollout.server_pool import ServerPool
 
 
@@ -65,6 +67,11 @@ def test_server_command_cpu_and_gpu_flags(tmp_path):
     assert json.loads(argv[argv.index("--limit-mm-per-prompt") + 1]) == {"image": 4, "video": 0}
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_SERVER_DEV_MODE"] == "1" and env["HF_HUB_OFFLINE"] == "1"
     assert env["VLLM_PLUGINS"].split(",") == list(VLLM_PLUGIN_NAMES)  # our backend and weight-push routes
+    assert "--worker-extension-cls" not in argv  # the shm transport's worker methods only when asked for
+    argv, _ = server_command(dataclasses.replace(cpu, shm_weights=True), 1234)
+    assert argv[argv.index("--worker-extension-cls") + 1] == SHM_WORKER_EXTENSION
+    with pytest.raises(ValueError, match="shm_weights=True needs device='cpu' and enforce_eager=True"):
+        server_command(dataclasses.replace(cpu, shm_weights=True, enforce_eager=False), 1)
     gpu = ServerConfig(model=str(tmp_path), launcher="vllm", device="gpu", cuda_visible_devices="1", enforce_eager=False,
                        enable_lora=True, weight_transfer_backend="jaxrl_stream")
     argv, env = server_command(gpu, 1)

@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention", default="cudnn_causal", choices=("auto", "xla", "cudnn", "cudnn_causal"),
                    help="text attention (models.text.ATTENTION_IMPLS); cudnn_causal needs unpacked rows, "
                         "which this benchmark's rows are")
+    p.add_argument("--layer-loop", default="scan", choices=("scan", "unrolled"),
+                   help="text decoder layers under lax.scan or a Python loop (models.text.decoder)")
     p.add_argument("--loss-chunk", type=int, default=1024, help="sequence positions per cross-entropy chunk")
     p.add_argument("--no-cast-params", action="store_true",
                    help="keep fp32 weights until each matmul (default: cast the trained tree to bf16 once "
@@ -60,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the vision tower alone (forward + backward to its weights)")
+    p.add_argument("--profile", default="",
+                   help="also trace 2 steps with jax.profiler into this folder and print the top device ops "
+                        "(tools/profile_summary.py)")
     p.add_argument("--skip-torch", action="store_true", help="skip the transformers + PyTorch reference")
     p.add_argument("--torch-attention", default="auto", help="auto = flash_attention_2 if installed, else sdpa")
     p.add_argument("--seed", type=int, default=0)
@@ -144,10 +149,10 @@ def make_step(config, optimizer, args, lora_cfg, out_shardings=None, mesh=None):
             trainable = to_compute(trainable)
         params = trainable if lora_cfg is None else overlay(frozen, trainable, lora_cfg)
         hidden = models.apply(params, batch, config, dtype=jnp.bfloat16, remat=args.remat, return_hidden=True,
-                              attention=args.attention)
+                              attention=args.attention, layer_loop=args.layer_loop)
         targets, weights = shifted_targets(batch)
-        logprobs = chunked_token_logprobs(hidden, lambda h: models.unembed(params, h, config), targets,
-                                          chunk_size=args.loss_chunk)
+        logprobs = chunked_token_logprobs(hidden, models.unembedding(params, config), targets,
+                                          chunk_size=args.loss_chunk, dtype=hidden.dtype)
         return jnp.sum(-logprobs * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
     def step(trainable, opt_state, frozen, batch):
@@ -252,6 +257,14 @@ def run_jax(args, config, rows) -> dict:
             step_times.append(time.perf_counter() - started)
     peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices)
     extra = {}
+    if args.profile:
+        import profile_summary
+        with jax.profiler.trace(args.profile):
+            for _ in range(2):
+                trainable, opt_state, loss = compiled(trainable, opt_state, frozen, batch)
+            float(loss)
+        extra["profile"] = profile_summary.summarize(args.profile, steps=2, top=100)
+        print(profile_summary.format_table(extra["profile"]), file=sys.stderr, flush=True)
     if args.breakdown and not args.lora:
         extra = time_vision_tower(trainable["model"]["visual"], config, batch, args.remat)
     return {**extra, "vision_slots": vision_slots, "step_s": float(np.median(step_times)), "step_s_all": step_times, "compile_s": compile_s,
@@ -294,7 +307,7 @@ def main(argv=None) -> dict:
         "card": jax.devices()[0].device_kind, "backend": jax.default_backend(), "gpus": args.mesh,
         "like": args.like, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "images_per_row": args.images_per_row, "image_size": args.image_size, "lora": args.lora,
-        "remat": args.remat, "attention": args.attention, "cast_params_bf16": not args.no_cast_params,
+        "remat": args.remat, "layer_loop": args.layer_loop, "attention": args.attention, "cast_params_bf16": not args.no_cast_params,
         "tokens_per_step": tokens, "step_flops": flops, "flops_formula": bench_common.FLOPS_FORMULA,
         "peak_flops_per_gpu": peak, "jax": rates(jax_result, args.mesh),
     }

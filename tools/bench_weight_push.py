@@ -1,18 +1,20 @@
 #!/usr/bin/env python
 """Weight-push benchmark: push time per transport vs one safetensors write to /dev/shm.
 
-    python tools/bench_weight_push.py --model DIR [--repeats 5] [--warmup 1] [--settle 0.5]
+    python tools/bench_weight_push.py --model DIR [--repeats 5] [--warmup 2] [--settle 0.5]
 
 Starts a CPU vLLM server on the checkpoint and, in rounds, times (a) writing the checkpoint's own
 params once to a fresh folder on /dev/shm with safetensors (the floor: one copy), (b) a push with the
 `reload` transport (that write + vLLM reload), (c) a push with the `stream` transport (HTTP into our
-vLLM plugin). Rounds interleave the three so that load from other processes hits them alike, and
+vLLM plugin), (d) a push with the `shm` transport (copy into the server's shared-memory slot + one
+commit; its first two pushes, which lay the slots out and touch both, fall in the warmup). Rounds
+interleave the transports so that load from other processes hits them alike, and
 each timed step starts after `--settle` seconds idle (on a 2-core machine the server's work right after
 a push, e.g. freeing the old weights, otherwise lands in whatever is timed next: a write measured just
 after a push took 4x longer); the first `--warmup` rounds are not counted. Prints JSON with the medians, the ratio push / write
 (target: <= 2 for the `small` model) and each transport's median seconds per phase
-(PushResult.phase_seconds: client-side checksum/send/commit, server-side stage/pause/load/version/resume,
-server_handler = the commit route's own time). `reload_stock`/`stream_stock` are the same transports over
+(PushResult.phase_seconds: client-side checksum/send/write/commit, server-side stage/pause/load/version/resume,
+server_handler = the commit route's own time, server_worker = the shm adoption in the worker). `reload_stock`/`stream_stock` are the same transports over
 vLLM's own routes only (plugin_routes=False: what a server without our plugin gets), for comparison.
 """
 import argparse
@@ -51,8 +53,9 @@ def run(model_dir: str, repeats: int, warmup: int, dtype: str, settle_seconds: f
     state = to_hf_state_dict(params, config)
     num_bytes = sum(v.nbytes for v in state.values())
     handle = start_server(ServerConfig(model=model_dir, served_model_name="policy", dtype=dtype,
-                                       weight_transfer_backend="jaxrl_stream"))
-    variants = {**{t: (t, True) for t in TRANSPORTS}, **{f"{t}_stock": (t, False) for t in TRANSPORTS}}
+                                       weight_transfer_backend="jaxrl_stream", shm_weights=True))
+    variants = {**{t: (t, True) for t in TRANSPORTS},
+                **{f"{t}_stock": (t, False) for t in TRANSPORTS if t != "shm"}}  # shm has no stock fallback
     writes, pushes = [], {name: [] for name in variants}
     try:
         async def rounds():
@@ -89,7 +92,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="local HF checkpoint folder")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--settle", type=float, default=0.5, help="idle seconds before each timed step")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="vLLM server dtype")
     args = parser.parse_args(argv)

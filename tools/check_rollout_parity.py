@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Rollout parity: what vLLM samples after a weight push is what the JAX model scores.
 
-    python tools/check_rollout_parity.py --model DIR [--transport reload] [--dtype float32|bfloat16]
+    python tools/check_rollout_parity.py --model DIR [--transport reload|stream|shm] [--dtype float32|bfloat16]
 
 Starts a CPU vLLM server on the checkpoint, takes one optimizer step (Adam, next-token loss on a
 rendered prompt) on the JAX params, pushes them (weight_version 1), samples with logprobs on
@@ -26,7 +26,7 @@ from jaxrl_vl.rollout.client import VLLMClient, sampled_logprobs, weight_version
 from jaxrl_vl.rollout.messages import to_openai_messages  # noqa: E402
 from jaxrl_vl.rollout.mm_decode import decode_images, normalize_pixels  # noqa: E402
 from jaxrl_vl.rollout.server import ServerConfig, start_server, stop_server  # noqa: E402
-from jaxrl_vl.rollout.weight_push import push_params  # noqa: E402
+from jaxrl_vl.rollout.weight_push import TRANSPORTS, push_params  # noqa: E402
 
 
 def _prompts(rng: np.random.Generator) -> list[list[dict]]:
@@ -112,7 +112,8 @@ def run(model_dir: str, transport: str = "reload", dtype: str = "float32", seed:
     forbidden = [config.image_token_id, config.video_token_id, config.vision_start_token_id,
                  config.vision_end_token_id]
     handle = start_server(ServerConfig(model=model_dir, served_model_name="policy", dtype=dtype, seed=seed,
-                                       weight_transfer_backend="jaxrl_stream" if transport == "stream" else None))
+                                       weight_transfer_backend="jaxrl_stream" if transport == "stream" else None,
+                                       shm_weights=transport == "shm"))
     try:
         async def main():
             async with VLLMClient(handle.url, "policy") as client:
@@ -140,7 +141,7 @@ def run(model_dir: str, transport: str = "reload", dtype: str = "float32", seed:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="local HF checkpoint folder (Qwen3-VL or Qwen2.5-VL)")
-    parser.add_argument("--transport", default="reload", choices=["reload", "stream"])
+    parser.add_argument("--transport", default="reload", choices=list(TRANSPORTS))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="vLLM server dtype")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=16)

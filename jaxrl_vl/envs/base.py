@@ -56,6 +56,10 @@ class ChatEnv(Protocol):
 
     def step(self, assistant_text: str) -> StepResult: ...
 
+    # Optional: `state_key() -> Hashable` names the situation the next action is taken in (equal keys =
+    # identical situations, e.g. Maze2D's cell); the RL loop uses it for turn-level credit
+    # (losses/step_advantages.py, rl.step_advantage_weight). Envs without it get episode-level credit only.
+
 
 # ---------------------------------------------------------------------------------------------
 # Message helpers shared by envs.

@@ -9,6 +9,7 @@ Both return fp32 [B, L] (and optionally the entropy of the full next-token distr
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 
 from jaxrl_vl.activation_sharding import BATCH, TENSOR, constrain
 from jaxrl_vl.losses.aggregate import masked
+from jaxrl_vl.models.layers import dot_fp32_out
 
 
 def _logprobs_from_logits(logits: jax.Array, targets: jax.Array, temperature: float,
@@ -27,16 +29,16 @@ def _logprobs_from_logits(logits: jax.Array, targets: jax.Array, temperature: fl
     target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)
     logprobs = target_logits[..., 0] - log_normalizer
     if not return_entropy:
-        return logprobs, None
+        return logprobs, None, log_normalizer
     probs = jax.nn.softmax(logits, axis=-1)
     entropy = log_normalizer - jnp.sum(probs * logits, axis=-1)
-    return logprobs, entropy
+    return logprobs, entropy, log_normalizer
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array, *, temperature: float = 1.0,
                    return_entropy: bool = False):
     """logits [B, L, V], targets int [B, L] -> logprobs fp32 [B, L] (, entropy [B, L])."""
-    logprobs, entropy = _logprobs_from_logits(logits, targets, temperature, return_entropy)
+    logprobs, entropy, _ = _logprobs_from_logits(logits, targets, temperature, return_entropy)
     return (logprobs, entropy) if return_entropy else logprobs
 
 
@@ -70,27 +72,74 @@ def chunked_token_logprobs(hidden: jax.Array, unembed: jax.Array | Callable, tar
     hidden_chunks = constrain(hidden.reshape(batch, num_chunks, chunk, -1).swapaxes(0, 1), None, BATCH, None, None)
     target_chunks = constrain(targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1), None, BATCH, None)
 
-    def logits_of(h):
-        if callable(unembed):
-            logits = unembed(h)
-        else:
-            logits = jnp.einsum("bch,vh->bcv", h.astype(dtype), unembed.astype(dtype),
-                                preferred_element_type=jnp.float32)
-        # batch-split like the hidden states, vocab over "tensor" only: one consistent FSDP plan
-        # (gather the unembedding, reduce-scatter its gradient) in the forward and the backward.
-        return constrain(logits, BATCH, None, TENSOR)
+    if callable(unembed):
+        def logits_of(h):
+            # batch-split like the hidden states, vocab over "tensor" only: one consistent FSDP plan
+            # (gather the unembedding, reduce-scatter its gradient) in the forward and the backward.
+            return constrain(unembed(h), BATCH, None, TENSOR)
 
-    # jax.checkpoint: the backward pass recomputes each chunk's logits instead of storing them.
-    @jax.checkpoint
-    def one_chunk(args):
-        h, t = args
-        logprobs, entropy = _logprobs_from_logits(logits_of(h), t, temperature, return_entropy)
-        return (logprobs, entropy) if return_entropy else (logprobs,)
+        # jax.checkpoint: the backward pass recomputes each chunk's logits instead of storing them.
+        @jax.checkpoint
+        def one_chunk(args):
+            h, t = args
+            logprobs, entropy, _ = _logprobs_from_logits(logits_of(h), t, temperature, return_entropy)
+            return (logprobs, entropy) if return_entropy else (logprobs,)
+    else:
+        matrix = unembed.astype(dtype)
+
+        def one_chunk(args):
+            h, t = args
+            logprobs, entropy = _chunk_logprobs(h.astype(dtype), matrix, t, temperature, return_entropy)
+            return (logprobs, entropy) if return_entropy else (logprobs,)
 
     outputs = jax.lax.map(one_chunk, (hidden_chunks, target_chunks))
     # [n, B, C] -> [B, L]
     outputs = [o.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length] for o in outputs]
     return tuple(outputs) if return_entropy else outputs[0]
+
+
+def _chunk_logits(h, w):
+    return constrain(dot_fp32_out(h, w), BATCH, None, TENSOR)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunk_logprobs(h, w, targets, temperature: float, return_entropy: bool):
+    """One chunk of the matrix form: h [B, C, H] @ w [V, H]^T -> (logprobs [B, C], entropy [B, C] | None).
+
+    A hand-written backward keeps only the log-normalizer per token and recomputes the logits once;
+    the softmax gradient (one-hot - p, plus the entropy term) is formed in one pass and handed to the
+    two backward matmuls in h's dtype. (Autodiff under jax.checkpoint would redo the reductions,
+    scatter the one-hot into an fp32 copy and convert it in separate passes over [B, C, V].)"""
+    return _chunk_logprobs_fwd(h, w, targets, temperature, return_entropy)[0]
+
+
+def _chunk_logprobs_fwd(h, w, targets, temperature, return_entropy):
+    logits = _chunk_logits(h, w)
+    logprobs, entropy, log_normalizer = _logprobs_from_logits(logits, targets, temperature, return_entropy)
+    return (logprobs, entropy), (h, w, targets, log_normalizer, entropy)
+
+
+def _chunk_logprobs_bwd(temperature, return_entropy, residuals, cotangents):
+    h, w, targets, log_normalizer, entropy = residuals
+    g_logprobs, g_entropy = cotangents
+    z = _chunk_logits(h, w)
+    if temperature != 1.0:
+        z = z / temperature
+    probs = jnp.exp(z - log_normalizer[..., None])
+    one_hot = jnp.arange(z.shape[-1], dtype=jnp.int32) == targets[..., None].astype(jnp.int32)
+    g_z = g_logprobs[..., None] * (one_hot - probs)
+    if return_entropy:
+        # H = lse - sum p z  ->  dH/dz_j = p_j * (sum_k p_k z_k - z_j) = p_j * (lse - H - z_j)
+        g_z = g_z + g_entropy[..., None] * probs * ((log_normalizer - entropy)[..., None] - z)
+    if temperature != 1.0:
+        g_z = g_z / temperature
+    g_z = g_z.astype(h.dtype)
+    d_h = jnp.einsum("bcv,vh->bch", g_z, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    d_w = jnp.einsum("bcv,bch->vh", g_z, h, preferred_element_type=jnp.float32)
+    return d_h.astype(h.dtype), d_w.astype(w.dtype), None
+
+
+_chunk_logprobs.defvjp(_chunk_logprobs_fwd, _chunk_logprobs_bwd)
 
 
 def cross_entropy_loss(logprobs: jax.Array, weights: jax.Array, *,

@@ -14,6 +14,7 @@ import numpy as np
 from jaxrl_vl.activation_sharding import BATCH, constrain
 from jaxrl_vl.models.checkpoint import expected_shapes, from_hf_state_dict
 from jaxrl_vl.models.config import ModelConfig
+from jaxrl_vl.models.layers import dot_fp32_out
 from jaxrl_vl.models.text import decoder
 from jaxrl_vl.models.vision import apply_vision
 
@@ -49,13 +50,21 @@ def unembed(params: dict, hidden: jax.Array, config: ModelConfig) -> jax.Array:
     Multiplies in hidden's dtype and accumulates in fp32. A LoRA overlay on lm_head is honoured."""
     head = embedding_table(params) if config.tie_word_embeddings else params["lm_head"]["weight"]
     dtype = hidden.dtype
-    logits = jnp.einsum("...d,vd->...v", hidden, head.astype(dtype), preferred_element_type=jnp.float32)
+    logits = dot_fp32_out(hidden, head.astype(dtype))
     lm_head = params.get("lm_head", {})
     if "lora_A" in lm_head:
         low = jnp.einsum("...d,rd->...r", hidden, lm_head["lora_A"].astype(dtype))
         logits = logits + lm_head["lora_scale"] * jnp.einsum(
             "...r,vr->...v", low, lm_head["lora_B"].astype(dtype), preferred_element_type=jnp.float32)
     return logits
+
+
+def unembedding(params: dict, config: ModelConfig):
+    """What losses.chunked_token_logprobs takes: the [V, D] unembedding matrix (its fast path), or a
+    function hidden -> logits when a LoRA overlay adapts lm_head."""
+    if "lora_A" in params.get("lm_head", {}):
+        return lambda hidden: unembed(params, hidden, config)
+    return embedding_table(params) if config.tie_word_embeddings else params["lm_head"]["weight"]
 
 
 def _gather_per_token(is_image: jax.Array, rows: jax.Array) -> jax.Array:
@@ -98,16 +107,18 @@ def embed_inputs(params: dict, batch: dict, config: ModelConfig, dtype=jnp.float
 
 
 def apply(params: dict, batch: dict, config: ModelConfig, *, dtype=jnp.float32, remat: str = "none",
-          return_hidden: bool = False, attention: str = "auto") -> jax.Array:
+          return_hidden: bool = False, attention: str = "auto", layer_loop: str = "scan") -> jax.Array:
     """Forward pass. batch: input_ids [B, L], segment_ids [B, L], position_ids [3, B, L], and optionally
     pixel_values [P, C*T*p*p] + the vision_* arrays (see models.inputs.make_batch).
 
     Returns logits [B, L, V] float32, or the final normed hidden states [B, L, D] (in dtype) when
     return_hidden (for chunked cross-entropy via `unembed`). attention: the text decoder's attention
-    implementation (models.text.ATTENTION_IMPLS; "auto" = cuDNN on GPU in bf16, else XLA)."""
+    implementation (models.text.ATTENTION_IMPLS; "auto" = cuDNN on GPU in bf16, else XLA). layer_loop: the
+    text decoder's "scan" | "unrolled" (models.text.decoder)."""
     embeds, deepstack = embed_inputs(params, batch, config, dtype, remat)
     hidden = decoder(params["model"]["language_model"], embeds, batch["position_ids"], batch["segment_ids"],
-                     config.text, dtype=dtype, remat=remat, deepstack_embeds=deepstack, attention=attention)
+                     config.text, dtype=dtype, remat=remat, deepstack_embeds=deepstack, attention=attention,
+                     layer_loop=layer_loop)
     if return_hidden:
         return hidden
     return unembed(params, hidden, config)

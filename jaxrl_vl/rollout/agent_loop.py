@@ -183,7 +183,7 @@ async def run_episode(client: VLLMClient, env: ChatEnv, env_seed: int, config: A
     max_turns = env.max_turns if config.max_turns is None else min(config.max_turns, env.max_turns)
     segments: list[Segment] = []
     state: _EpisodeState | None = None
-    turn_rewards, versions, finish_reasons, replies, io_records = [], [], [], [], []
+    turn_rewards, versions, finish_reasons, replies, io_records, turn_states = [], [], [], [], [], []
     timing = {"render": 0.0, "generate": 0.0, "env": 0.0}
     info: dict[str, Any] = {}
     generated = 0
@@ -236,6 +236,7 @@ async def run_episode(client: VLLMClient, env: ChatEnv, env_seed: int, config: A
         if not sampled or sampled[-1] != tokens.im_end:
             state.segment.extend_prompt([tokens.im_end])  # cut by max_tokens: close the turn unsampled
         reply = decode(sampled)
+        turn_states.append(env.state_key() if hasattr(env, "state_key") else None)
         started = time.perf_counter()
         try:
             result = await step_async(env, reply)
@@ -257,7 +258,8 @@ async def run_episode(client: VLLMClient, env: ChatEnv, env_seed: int, config: A
         info["vllm_io"] = io_records
     return Trajectory(group_index=group_index, sample_index=sample_index, env_seed=env_seed, segments=segments,
                       turn_rewards=turn_rewards, weight_versions=versions, finish_reasons=finish_reasons,
-                      replies=replies, messages=history, info=info, end_reason=end_reason, timing_seconds=timing)
+                      replies=replies, messages=history, info=info, end_reason=end_reason, timing_seconds=timing,
+                      turn_states=turn_states)
 
 
 async def run_groups(clients: Sequence[VLLMClient], make_episode_env: Callable[[], ChatEnv], env_seeds: Sequence[int],

@@ -27,6 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_VLLM_VENV = REPO_ROOT / ".venv-vllm"
 LAUNCHER_NAME = "vllm-serve-jaxrl"
 VLLM_PLUGIN_NAMES = ("jaxrl_vl_weight_stream", "jaxrl_vl_weight_push")  # plugins/vllm_weight_stream
+SHM_WORKER_EXTENSION = "jaxrl_vl_vllm_plugin.shm_worker.ShmWeightsWorker"  # the `shm` weight push, same package
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,8 @@ class ServerConfig:
     cuda_visible_devices: str | None = None  # e.g. "0" for one server per GPU
     # "jaxrl_stream" enables the `stream` weight push (plugins/vllm_weight_stream, installed in the venv)
     weight_transfer_backend: str | None = None
+    # True enables the `shm` weight push (the worker adopts shared-memory slots the trainer writes; CPU, eager)
+    shm_weights: bool = False
     vllm_venv: str = str(DEFAULT_VLLM_VENV)
     launcher: str | None = None  # an explicit `vllm` executable (e.g. on a GPU host); else the venv's
     extra_args: tuple[str, ...] = ()
@@ -114,6 +117,11 @@ def server_command(config: ServerConfig, port: int) -> tuple[list[str], dict[str
         argv += ["--enable-lora", "--max-lora-rank", str(config.max_lora_rank), "--max-loras", str(config.max_loras)]
     if config.weight_transfer_backend:
         argv += ["--weight-transfer-config", json.dumps({"backend": config.weight_transfer_backend})]
+    if config.shm_weights:
+        if config.device != "cpu" or not config.enforce_eager:
+            raise ValueError("ServerConfig.shm_weights=True needs device='cpu' and enforce_eager=True (the model "
+                             "reads host shared memory; a compiled graph may keep the old weights)")
+        argv += ["--worker-extension-cls", SHM_WORKER_EXTENSION]
     if config.tool_call_parser:
         argv += ["--enable-auto-tool-choice", "--tool-call-parser", config.tool_call_parser]
     argv += list(config.extra_args)

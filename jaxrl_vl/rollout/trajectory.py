@@ -89,6 +89,9 @@ class Trajectory:
     info: dict[str, Any]  # the env's last info
     end_reason: str  # "env_done" | "turn_budget" | "token_budget" | "context" | "env_error"
     timing_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # render/generate/env
+    # per turn, the env's state_key() when the action was taken (None: the env has none); see
+    # losses/step_advantages.py
+    turn_states: list = dataclasses.field(default_factory=list)
 
     @property
     def reward(self) -> float:
@@ -110,12 +113,12 @@ class Trajectory:
         return self.reward > 0
 
 
-def training_rows(trajectories: list[Trajectory], advantages: list[float], *, image_mean, image_std,
+def training_rows(trajectories: list[Trajectory], advantages: list, *, image_mean, image_std,
                   group_ids: list[int] | None = None) -> list[dict]:
-    """Trajectories (with one advantage each) -> rows for `jaxrl_vl.models.inputs.make_batch`.
+    """Trajectories (with one advantage each, or one per turn) -> rows for `jaxrl_vl.models.inputs.make_batch`.
 
     One row per segment: {"input_ids" int32 [L], "loss_mask" float32 [L], "rollout_logprobs"
-    float32 [L], "advantages" float32 [L] (the trajectory's advantage on its sampled tokens),
+    float32 [L], "advantages" float32 [L] (the trajectory's advantage, or its turn's, on its sampled tokens),
     "turn_ids" int32 [L], and with images "pixel_values" float32 [P, D] (normalised with the
     processor's mean/std) + "image_grid_thw" int32 [n, 3]}. Rows without sampled tokens are
     dropped (they teach nothing). `group_ids`, if given, adds a per-row scalar "group_id".
@@ -128,12 +131,21 @@ def training_rows(trajectories: list[Trajectory], advantages: list[float], *, im
             mask = np.asarray(segment.loss_mask, np.float32)
             if not mask.any():
                 continue
+            turn_ids = np.asarray(segment.turn_ids, np.int32)
+            if np.ndim(advantage) == 0:
+                token_advantages = mask * np.float32(advantage)
+            else:  # per-turn advantages: each sampled token gets its turn's
+                per_turn = np.asarray(advantage, np.float32)
+                if len(per_turn) != trajectory.num_turns:
+                    raise ValueError(f"trajectory {index}: {len(per_turn)} turn advantages for "
+                                     f"{trajectory.num_turns} turns")
+                token_advantages = mask * per_turn[np.clip(turn_ids, 0, None)]
             row = {
                 "input_ids": np.asarray(segment.token_ids, np.int32),
                 "loss_mask": mask,
                 "rollout_logprobs": np.asarray(segment.rollout_logprobs, np.float32),
-                "advantages": mask * np.float32(advantage),
-                "turn_ids": np.asarray(segment.turn_ids, np.int32),
+                "advantages": token_advantages,
+                "turn_ids": turn_ids,
             }
             if segment.num_images:
                 row["pixel_values"] = normalize_pixels(segment.pixel_values, image_mean, image_std)

@@ -24,6 +24,13 @@ Transport `stream` (no shared disk; the trainer may be on another host, e.g. a C
   /finish_weight_update {weight_version} -> reset caches -> /resume. The receiver stages the chunks
   and swaps them into the model only once the commit matches what arrived and covers the served
   checkpoint; otherwise the server keeps its weights and version and the trainer gets WeightPushError.
+Transport `shm` (same host; the fastest): the server runs our worker extension
+  (ServerConfig.shm_weights) and its model reads two shared-memory slots laid out as vLLM's own
+  parameters; the trainer copies the tensors into the slot not in use and one commit makes the engine
+  pause, adopt that slot (no server-side copy; only the CPU linear layers are re-packed from it, as
+  vLLM's own load does), set the version and resume. A state that does not match, or a write that did
+  not finish, is refused: the server keeps its weights and version. Details: weight_shm.py and
+  plugins/vllm_weight_stream/jaxrl_vl_vllm_plugin/shm_worker.py.
 LoRA (`push_lora`): the adapter is exported in PEFT format to a NEW folder per version (reusing a
   path left a stale prefix cache) and loaded with POST /v1/load_lora_adapter {load_inplace}; requests
   then name the adapter as their `model`. Server: ServerConfig(enable_lora=True). vLLM 0.32 bug:
@@ -53,7 +60,7 @@ WEIGHTS_FILE = "model.safetensors"
 # their size bounds no memory here; fewer chunks cost fewer round trips.
 STREAM_CHUNK_BYTES = 64 * 2**20
 INLINE_CHUNK_BYTES = 4 * 2**20  # base64-in-JSON fallback: 4 MB chunks pushed faster than 64 MB on CPU
-TRANSPORTS = ("reload", "stream")
+TRANSPORTS = ("reload", "stream", "shm")
 
 
 class WeightPushError(RuntimeError):
@@ -67,7 +74,7 @@ class PushResult:
     transport: str
     num_tensors: int
     num_bytes: int
-    write_seconds: float  # params -> safetensors on /dev/shm (reload transport; 0 for stream)
+    write_seconds: float  # params -> safetensors on /dev/shm (reload) or into the slots (shm); 0 for stream
     reload_seconds: float  # pause .. resume, slowest server (stream: includes sending the chunks)
     total_seconds: float
     servers: tuple[str, ...]
@@ -304,6 +311,21 @@ async def _stream_raw(client: VLLMClient, state: dict[str, np.ndarray], version:
     return phases
 
 
+async def _shm(client: VLLMClient, state: dict[str, np.ndarray], version: str | int, *,
+               pause_mode: str) -> dict[str, float]:
+    from jaxrl_vl.rollout import weight_shm
+
+    start = time.perf_counter()
+    try:
+        phases = await weight_shm.push(client, state, version, pause_mode=pause_mode)
+    except weight_routes.PushRejected as error:
+        raise WeightPushError(str(error)) from error
+    except weight_routes.RoutesMissing as error:
+        raise WeightPushError(f"{client.base_url}: the shm transport needs our plugin's routes and a server "
+                              "started with ServerConfig.shm_weights=True; weights unchanged") from error
+    return {**phases, "total": time.perf_counter() - start}
+
+
 async def _resume_after_failure(client: VLLMClient, what: str, error: Exception):
     try:
         await client.request("POST", "/resume")
@@ -326,6 +348,7 @@ async def push_state_dict(state: dict[str, np.ndarray], clients: Sequence[VLLMCl
     """Pushes `state` ({HF name: array}) into every server concurrently, labelled `version`.
     reload: written once under `root` (a fresh folder, removed afterwards unless keep_folder).
     stream: sent over HTTP in chunks of <= chunk_bytes.
+    shm: copied into each server's free shared-memory slot (same host; needs the plugin's routes).
     plugin_routes=False: only vLLM's own routes, as for a server without our plugin's."""
     if transport not in TRANSPORTS:
         raise ValueError(f"transport={transport!r}: expected one of {TRANSPORTS}")
@@ -340,6 +363,10 @@ async def push_state_dict(state: dict[str, np.ndarray], clients: Sequence[VLLMCl
             expected = {n: (str(np.asarray(a).dtype), np.shape(a)) for n, a in state.items()}
             pushes = [_reload(c, str(folder), version, pause_mode=pause_mode, rpc_timeout_seconds=600.0,
                               folder_is_local=True, expected=expected, plugin_routes=plugin_routes) for c in clients]
+        elif transport == "shm":
+            if not plugin_routes:
+                raise ValueError("transport='shm' has no stock-route fallback (plugin_routes=False)")
+            pushes = [_shm(c, state, version, pause_mode=pause_mode) for c in clients]
         else:
             pushes = [_stream(c, state, version, chunk_bytes=chunk_bytes, pause_mode=pause_mode,
                               plugin_routes=plugin_routes) for c in clients]
@@ -352,6 +379,8 @@ async def push_state_dict(state: dict[str, np.ndarray], clients: Sequence[VLLMCl
         raise WeightPushError(f"weight push ({transport}) of version {version} failed on {len(failures)} of "
                               f"{len(clients)} servers: " + "; ".join(f"{u}: {e}" for u, e in failures))
     slowest = max(results, key=lambda phases: phases["total"])
+    if transport == "shm":  # each server has its own slots: one write per server
+        write_seconds = sum(phases["write"] for phases in results)
     return PushResult(version=str(version), transport=transport, num_tensors=len(state), num_bytes=num_bytes,
                       write_seconds=write_seconds, reload_seconds=slowest["total"],
                       total_seconds=time.perf_counter() - start, servers=tuple(c.base_url for c in clients),

@@ -1,6 +1,6 @@
 """Client of the one-request weight-push routes (plugins/vllm_weight_stream/jaxrl_vl_vllm_plugin/routes.py).
 
-The fast path of both transports in weight_push.py:
+The fast path of the transports in weight_push.py (`shm`: weight_shm.py, which also uses commit):
 - stream: each chunk goes as raw safetensors bytes (a small JSON header, then the arrays' own
   memory: no base64, no JSON, no copy of the tensors on this side) to POST /jaxrl/weights/stage,
   with its length and crc32; then one POST /jaxrl/weights/commit with the manifest does pause, load,
@@ -45,7 +45,7 @@ def safetensors_pieces(arrays: dict[str, np.ndarray]) -> list:
             *(memoryview(array).cast("B") for array in arrays.values() if array.nbytes)]
 
 
-def _raise_for(error: VLLMError, what: str):
+def raise_for(error: VLLMError, what: str):
     if error.status_code == 404:
         raise RoutesMissing(what) from error
     raise PushRejected(f"{what}: {error}") from error
@@ -74,21 +74,23 @@ async def stage_chunk(client: VLLMClient, index: int, arrays: dict[str, np.ndarr
         answer = await client.request("POST", STAGE_ROUTE, params=params, content=body, headers={
             "content-type": "application/octet-stream", "content-length": str(num_bytes)})
     except VLLMError as error:
-        _raise_for(error, f"staging chunk {index} ({num_bytes} bytes)")
+        raise_for(error, f"staging chunk {index} ({num_bytes} bytes)")
     return {"checksum": checksum_done - start, "send": time.perf_counter() - checksum_done,
             "server_stage": answer["seconds"]}
 
 
 async def commit(client: VLLMClient, version: str | int, *, pause_mode: str, num_chunks: int = 0,
-                 manifest: dict | None = None, weights_path: str | None = None) -> dict[str, float]:
-    """pause -> load (staged chunks with `manifest`, or the folder `weights_path`) -> version -> resume,
-    server-side. Returns the server's seconds per phase."""
+                 manifest: dict | None = None, weights_path: str | None = None,
+                 shm: dict | None = None) -> dict[str, float]:
+    """pause -> load (staged chunks with `manifest`, the folder `weights_path`, or the shared-memory slot
+    `shm` = {slot, nonce, layout_id}: weight_shm.py) -> version -> resume, server-side. Returns the
+    server's seconds per phase."""
     body = {"version": str(version), "pause_mode": pause_mode, "num_chunks": num_chunks, "manifest": manifest,
-            "weights_path": weights_path}
+            "weights_path": weights_path, "shm": shm}
     start = time.perf_counter()
     try:
         answer = await client.request("POST", COMMIT_ROUTE, json=body)
     except VLLMError as error:
-        _raise_for(error, f"commit of version {version}")
+        raise_for(error, f"commit of version {version}")
     return {"commit": time.perf_counter() - start,
             **{f"server_{phase}": seconds for phase, seconds in answer["seconds"].items()}}

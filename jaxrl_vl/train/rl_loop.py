@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_vl.envs import make_env
+from jaxrl_vl.losses import step_advantages
 from jaxrl_vl.losses.advantages import compute_advantages, zero_variance_groups
 from jaxrl_vl.losses.policy import PolicyLossConfig
 from jaxrl_vl.rollout import weight_push
@@ -77,6 +78,21 @@ def _image_normalization(model_dir: str) -> tuple[list[float], list[float]]:
     raise FileNotFoundError(f"{model_dir} has no preprocessor_config.json with image_mean/image_std")
 
 
+def turn_level_advantages(groups, episode_advantages, rl) -> tuple[list[list[np.ndarray]], dict]:
+    """Per group, per episode, per turn: A_episode + rl.step_advantage_weight * A_step (GiGPO)."""
+    out, credited, turns, cluster_sizes = [], 0, 0, []
+    for group, row in zip(groups, episode_advantages):
+        step = step_advantages.step_advantages([t.turn_states for t in group], [t.turn_rewards for t in group],
+                                               rl.step_discount)
+        out.append(step_advantages.combine(row, step, rl.step_advantage_weight))
+        credited += sum(int(np.count_nonzero(s)) for s in step)
+        turns += sum(len(s) for s in step)
+        keys = [k for t in group for k in t.turn_states if k is not None]
+        cluster_sizes += [keys.count(k) for k in set(keys)]
+    return out, {"rollout/step_credited_turns": credited / max(turns, 1),
+                 "rollout/step_group_size_mean": float(np.mean(cluster_sizes or [0.0]))}
+
+
 def train_seeds(rl, step: int) -> list[int]:
     """Env seeds of RL step `step` (1-based): disjoint across steps, the same on resume."""
     return [rl.train_seed_offset + (step - 1) * rl.num_groups + g for g in range(rl.num_groups)]
@@ -111,7 +127,8 @@ class _Servers:
                 max_num_batched_tokens=max(v.max_model_len, 2048), cpu_kv_cache_gib=v.cpu_kv_cache_gib,
                 max_images_per_prompt=v.max_images_per_prompt, enforce_eager=v.enforce_eager, seed=config.seed,
                 log_dir=os.path.join(run_dir, "vllm_logs"),
-                weight_transfer_backend="jaxrl_stream" if self.transport == "stream" else None)
+                weight_transfer_backend="jaxrl_stream" if self.transport == "stream" else None,
+                shm_weights=self.transport == "shm")
             log.warning("starting a vLLM server on %s (log in %s)", model_dir, server_config.log_dir)
             self.handles = [server_lib.start_server(server_config)]
             self.started = True
@@ -180,6 +197,7 @@ def run_rl(config) -> dict:
     loss_config = policy_loss_config(config.loss)
     step_fn = make_rl_step(model_config, optimizer, schedule, loss_config, old_logprobs=config.loss.old_logprobs,
                            max_turns_logged=rl.drift_turns_logged, dtype=dtype, remat=config.model.remat,
+                           layer_loop=config.model.get("layer_loop", "scan"),
                            loss_chunk_size=config.train.loss_chunk_size, lora_overlay=lora_overlay,
                            donate=jax.default_backend() != "cpu")
     ref_score = make_score_logprobs(model_config, dtype=dtype, loss_chunk_size=config.train.loss_chunk_size) \
@@ -271,8 +289,14 @@ def run_rl(config) -> dict:
             rewards = np.asarray([[t.reward for t in g] for g in groups], np.float32)
             advantages = np.asarray(compute_advantages(rl.advantage, rewards))
             keep = ~zero_variance_groups(rewards) if rl.filter_zero_variance_groups else np.ones(len(groups), bool)
+            per_episode = [list(map(float, row)) for row in advantages]
+            if rl.get("step_advantage_weight", 0.0) > 0:  # GiGPO turn-level credit (losses/step_advantages.py)
+                per_episode, step_metrics = turn_level_advantages(groups, advantages, rl)
+                metrics.update(step_metrics)
+                # a group of equal rewards can still hold turn-level credit (e.g. all succeed, some sooner)
+                keep = keep | np.asarray([any(np.any(a != 0) for a in g) for g in per_episode])
             kept = [t for g, k in zip(groups, keep) for t in g if k]
-            kept_adv = [float(a) for a_row, k in zip(advantages, keep) for a in a_row if k]
+            kept_adv = [a for a_row, k in zip(per_episode, keep) for a in a_row if k]
             metrics["rollout/groups_kept"] = float(keep.sum())
             metrics["rollout/stale_turns"] = float(np.mean(
                 [v != str(pushed_version) for t in kept for versions in t.weight_versions for v in versions] or [0.0]))

@@ -57,14 +57,15 @@ def shifted_rl_inputs(batch: dict) -> dict:
 
 
 def trainer_logprobs(params: dict, batch: dict, targets: jax.Array, model_config, *, dtype=jnp.float32,
-                     remat: str = "none", loss_chunk_size: int = 0):
+                     remat: str = "none", loss_chunk_size: int = 0, layer_loop: str = "scan"):
     """-> (logprobs fp32 [B, L], entropy fp32 [B, L]) of `targets` under the model (temperature 1,
     which is what vLLM's raw sampled-token logprobs report)."""
     if loss_chunk_size > 0:
-        hidden = models.apply(params, batch, model_config, dtype=dtype, remat=remat, return_hidden=True)
-        return chunked_token_logprobs(hidden, lambda h: models.unembed(params, h, model_config), targets,
-                                      chunk_size=loss_chunk_size, return_entropy=True)
-    logits = models.apply(params, batch, model_config, dtype=dtype, remat=remat)
+        hidden = models.apply(params, batch, model_config, dtype=dtype, remat=remat, return_hidden=True,
+                              layer_loop=layer_loop)
+        return chunked_token_logprobs(hidden, models.unembedding(params, model_config), targets,
+                                      chunk_size=loss_chunk_size, dtype=hidden.dtype, return_entropy=True)
+    logits = models.apply(params, batch, model_config, dtype=dtype, remat=remat, layer_loop=layer_loop)
     return token_logprobs(logits, targets, return_entropy=True)
 
 
@@ -84,7 +85,7 @@ def _loss_weight_count(loss_config: PolicyLossConfig, mask: jax.Array, segment_i
 
 def make_rl_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                  loss_config: PolicyLossConfig, *, old_logprobs: str = "rollout", max_turns_logged: int = 8,
-                 dtype=jnp.float32, remat: str = "none", loss_chunk_size: int = 0,
+                 dtype=jnp.float32, remat: str = "none", loss_chunk_size: int = 0, layer_loop: str = "scan",
                  lora_overlay: Callable | None = None, donate: bool = True, mesh=None):
     """-> jitted step(state, batches [A, ...]) -> (TrainState, metrics dict of fp32 scalars).
 
@@ -106,7 +107,7 @@ def make_rl_step(model_config, optimizer: optax.GradientTransformation, schedule
         shifted = shifted_rl_inputs(micro)
         mask = shifted["loss_mask"]
         logprobs, entropy = trainer_logprobs(params, micro, shifted["targets"], model_config, dtype=dtype,
-                                             remat=remat, loss_chunk_size=loss_chunk_size)
+                                             remat=remat, loss_chunk_size=loss_chunk_size, layer_loop=layer_loop)
         rollout = shifted["rollout_logprobs"]
         old = rollout if old_logprobs == "rollout" else jax.lax.stop_gradient(logprobs)
         loss, metrics = compute_policy_loss(

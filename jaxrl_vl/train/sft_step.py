@@ -44,21 +44,22 @@ def shifted_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
 
 
 def target_logprobs(params: dict, batch: dict, model_config, *, dtype=jnp.float32, remat: str = "none",
-                    loss_chunk_size: int = 0) -> tuple[jax.Array, jax.Array]:
+                    loss_chunk_size: int = 0, layer_loop: str = "scan") -> tuple[jax.Array, jax.Array]:
     """-> (logprobs of the next tokens fp32 [B, L], weights [B, L]) for one (micro-)batch."""
     targets, weights = shifted_targets(batch)
     if loss_chunk_size > 0:
-        hidden = models.apply(params, batch, model_config, dtype=dtype, remat=remat, return_hidden=True)
-        logprobs = chunked_token_logprobs(hidden, lambda h: models.unembed(params, h, model_config), targets,
-                                          chunk_size=loss_chunk_size)
+        hidden = models.apply(params, batch, model_config, dtype=dtype, remat=remat, return_hidden=True,
+                              layer_loop=layer_loop)
+        logprobs = chunked_token_logprobs(hidden, models.unembedding(params, model_config), targets,
+                                          chunk_size=loss_chunk_size, dtype=hidden.dtype)
     else:
-        logits = models.apply(params, batch, model_config, dtype=dtype, remat=remat)
+        logits = models.apply(params, batch, model_config, dtype=dtype, remat=remat, layer_loop=layer_loop)
         logprobs = token_logprobs(logits, targets)
     return logprobs, weights
 
 
 def make_sft_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
-                  dtype=jnp.float32, remat: str = "none", loss_chunk_size: int = 0,
+                  dtype=jnp.float32, remat: str = "none", layer_loop: str = "scan", loss_chunk_size: int = 0,
                   lora_overlay: Callable | None = None, donate: bool = True, state_shardings=None,
                   metrics_sharding=None, mesh=None):
     """-> jitted step(state: TrainState, batches: dict [A, ...]) -> (TrainState, metrics dict).
@@ -80,7 +81,7 @@ def make_sft_step(model_config, optimizer: optax.GradientTransformation, schedul
     def micro_nll_sum(trainable, frozen_params, micro_batch, total_targets):
         params = full_params(frozen_params, trainable)
         logprobs, weights = target_logprobs(params, micro_batch, model_config, dtype=dtype, remat=remat,
-                                            loss_chunk_size=loss_chunk_size)
+                                            loss_chunk_size=loss_chunk_size, layer_loop=layer_loop)
         return cross_entropy_loss(logprobs, weights, reduction="sum") / total_targets
 
     grad_fn = jax.value_and_grad(micro_nll_sum)

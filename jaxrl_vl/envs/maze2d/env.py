@@ -131,6 +131,13 @@ class Maze2DEnv:
                 layout = random_layout(self.size, candidate, self.positions)
         return layout
 
+    def state_key(self) -> tuple:
+        """What the next action depends on: the agent's cell and whether the target was visited (the
+        frame shows a hole there after). Equal keys within a group = the same situation, for
+        turn-level credit (losses/step_advantages.py)."""
+        self._require_started()
+        return (self.layout.key(), tuple(self.agent), self.visited_target)
+
     def frame(self) -> Image.Image:
         self._require_started()
         return render_frame(self.layout, self.agent, self.cell_px, self.target_hole and self.visited_target)

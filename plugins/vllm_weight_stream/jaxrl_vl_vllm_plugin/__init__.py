@@ -4,7 +4,8 @@ Installed into the vLLM environment by tools/install_vllm.sh; vLLM calls `regist
 process (API server, engine core, workers) through the `vllm.general_plugins` entry point. Serve
 with `--weight-transfer-config '{"backend": "jaxrl_stream"}'` (jaxrl_vl.rollout.server does when
 ServerConfig.weight_transfer_backend is set). The package also ships an endpoint plugin
-(`routes.py`, entry point `vllm.endpoint_plugins`: one-request weight pushes for both transports).
+(`routes.py`, entry point `vllm.endpoint_plugins`: one-request weight pushes for every transport) and
+the `shm` transport's worker extension (`shm_worker.py`, `--worker-extension-cls`).
 """
 BACKEND_NAME = "jaxrl_stream"
 

@@ -15,7 +15,12 @@ correctness"). Here the trainer sends raw bytes and one commit; the steps run se
         manifest and the served model before it touches the model, engine.py)
                             or  {"version", "pause_mode", "weights_path"}  (reload: vLLM's reload_weights
         of a folder the trainer wrote on this host)
+                            or  {"version", "pause_mode", "shm": {"slot", "nonce", "layout_id"}}  (shm: the
+        worker adopts the slot the trainer wrote, shm_worker.py)
         -> pause, load, set version, resume; answers the server-side seconds of each phase.
+    POST /jaxrl/weights/shm/layout  {"tensors": {name: [dtype, shape]}}  (shm transport, first push): the
+        worker (paused meanwhile) works out where each pushed tensor goes in its two shared-memory
+        slots and answers their paths and the copy runs (shm_worker.py).
 
 Enabled by VLLM_PLUGINS naming `jaxrl_vl_weight_push` (vLLM loads endpoint plugins only when
 allowlisted; jaxrl_vl.rollout.server sets it). Linux only (memfd). Routes are covered by the same
@@ -43,6 +48,11 @@ class CommitRequest(BaseModel):
     num_chunks: int = 0  # stream: slots 0..num_chunks-1, staged since the last commit
     manifest: dict | None = None  # stream: the jaxrl_stream commit manifest (engine.py)
     weights_path: str | None = None  # reload: a folder of safetensors on this host
+    shm: dict | None = None  # shm: {"slot", "nonce", "layout_id"} (shm_worker.ShmWeightsWorker.jaxrl_shm_commit)
+
+
+class ShmLayoutRequest(BaseModel):
+    tensors: dict[str, tuple[str, list[int]]]  # {checkpoint name: (numpy dtype, shape)} the trainer pushes
 
 
 class _Receiver:
@@ -106,8 +116,9 @@ async def stage(request: Request, index: int, num_bytes: int, crc32: int | None 
 async def commit(request: Request, body: CommitRequest):
     handler_start = time.perf_counter()
     receiver, engine = _receiver(request), _receiver(request).engine
-    if (body.weights_path is None) == (body.manifest is None):
-        return _error(400, "commit: give either `weights_path` (reload) or `manifest` with `num_chunks` (stream)")
+    if sum(x is not None for x in (body.weights_path, body.manifest, body.shm)) != 1:
+        return _error(400, "commit: give one of `weights_path` (reload), `manifest` with `num_chunks` (stream) "
+                           "or `shm` (shm)")
     if body.manifest is not None and not receiver.has_stream_backend:
         return _error(400, f"commit: stream pushes need the server started with --weight-transfer-config "
                            f"'{{\"backend\": \"{STREAM_BACKEND}\"}}'")
@@ -124,7 +135,6 @@ async def commit(request: Request, body: CommitRequest):
             now = time.perf_counter()
             seconds[name], mark = now - mark, now
 
-        old_version = await engine.get_weight_version()
         # AsyncLLM.pause_generation minus its trailing 20 ms sleep (vllm/v1/engine/async_llm.py: "not
         # required for correctness"). With clear_cache the engine drops the prefix, mm and encoder
         # caches once drained; nothing is scheduled again before resume.
@@ -134,6 +144,10 @@ async def commit(request: Request, body: CommitRequest):
         try:
             if body.manifest is not None:
                 await _load_staged(receiver, body, staged)
+            elif body.shm is not None:
+                worker = (await engine.collective_rpc("jaxrl_shm_commit", kwargs=body.shm))[0]
+                seconds.update(worker=worker["seconds"], worker_swap=worker["swap_seconds"],
+                               worker_pack=worker["pack_seconds"])
             else:
                 await engine.collective_rpc("reload_weights", kwargs={"weights_path": body.weights_path})
             lap("load")
@@ -144,6 +158,7 @@ async def commit(request: Request, body: CommitRequest):
             lap("version")
         except Exception as error:  # noqa: BLE001 - reported to the trainer with the server's state
             await engine.resume_generation()
+            old_version = await engine.get_weight_version()  # only set after a successful load
             state = ("resumed with its previous weights and version" if not engine.errored else
                      "DIED (vLLM's in-place reload leaves no usable weights on failure); restart it")
             return _error(500, f"weight push as version {body.version} failed; the server {state} "
@@ -152,6 +167,22 @@ async def commit(request: Request, body: CommitRequest):
         lap("resume")
     seconds["handler"] = time.perf_counter() - handler_start
     return JSONResponse({"weight_version": body.version, "seconds": seconds})
+
+
+@router.post("/jaxrl/weights/shm/layout")
+async def shm_layout(request: Request, body: ShmLayoutRequest):
+    receiver, engine = _receiver(request), _receiver(request).engine
+    async with receiver.lock:
+        # the worker swaps scratch tensors into the model while it probes: nothing may run meanwhile
+        await engine.engine_core.pause_scheduler_async(mode="wait", clear_cache=False)
+        try:
+            layout = (await engine.collective_rpc("jaxrl_shm_layout", kwargs={"tensors": body.tensors}))[0]
+        except Exception as error:  # noqa: BLE001 - reported to the trainer; the model is untouched
+            return _error(400, f"shm layout: {error} (a server without the worker extension lacks "
+                               "jaxrl_shm_layout: start it with ServerConfig.shm_weights=True)")
+        finally:
+            await engine.resume_generation()
+    return JSONResponse(layout)
 
 
 async def _load_staged(receiver: _Receiver, body: CommitRequest, staged: dict[int, int]) -> None:
