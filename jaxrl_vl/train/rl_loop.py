@@ -197,7 +197,7 @@ def run_rl(config) -> dict:
     loss_config = policy_loss_config(config.loss)
     step_fn = make_rl_step(model_config, optimizer, schedule, loss_config, old_logprobs=config.loss.old_logprobs,
                            max_turns_logged=rl.drift_turns_logged, dtype=dtype, remat=config.model.remat,
-                           layer_loop=config.model.get("layer_loop", "scan"),
+                           layer_loop=config.model.layer_loop,
                            loss_chunk_size=config.train.loss_chunk_size, lora_overlay=lora_overlay,
                            donate=jax.default_backend() != "cpu")
     ref_score = make_score_logprobs(model_config, dtype=dtype, loss_chunk_size=config.train.loss_chunk_size) \
@@ -290,7 +290,7 @@ def run_rl(config) -> dict:
             advantages = np.asarray(compute_advantages(rl.advantage, rewards))
             keep = ~zero_variance_groups(rewards) if rl.filter_zero_variance_groups else np.ones(len(groups), bool)
             per_episode = [list(map(float, row)) for row in advantages]
-            if rl.get("step_advantage_weight", 0.0) > 0:  # GiGPO turn-level credit (losses/step_advantages.py)
+            if rl.step_advantage_weight > 0:  # GiGPO turn-level credit (losses/step_advantages.py)
                 per_episode, step_metrics = turn_level_advantages(groups, advantages, rl)
                 metrics.update(step_metrics)
                 # a group of equal rewards can still hold turn-level credit (e.g. all succeed, some sooner)

@@ -197,7 +197,7 @@ def run_sft(config) -> dict:
     # CPU: no donation, so an async checkpoint's host copy can never alias a reused buffer.
     donate = jax.default_backend() != "cpu"
     step_fn = make_sft_step(model_config, optimizer, schedule, dtype=dtype, remat=config.model.remat,
-                            layer_loop=config.model.get("layer_loop", "scan"),
+                            layer_loop=config.model.layer_loop,
                             loss_chunk_size=train_cfg.loss_chunk_size, lora_overlay=lora_overlay, donate=donate,
                             state_shardings=state_shardings(state), metrics_sharding=sharding.replicated(mesh),
                             mesh=mesh)
