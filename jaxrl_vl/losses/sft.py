@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxrl_vl.activation_sharding import BATCH, TENSOR, constrain
 from jaxrl_vl.losses.aggregate import masked
-from jaxrl_vl.models.layers import dot_fp32_out
+from jaxrl_vl.models.layers import dot_fp32_out, dot_fp32_out_grads
 
 
 def _logprobs_from_logits(logits: jax.Array, targets: jax.Array, temperature: float,
@@ -133,10 +133,8 @@ def _chunk_logprobs_bwd(temperature, return_entropy, residuals, cotangents):
         g_z = g_z + g_entropy[..., None] * probs * ((log_normalizer - entropy)[..., None] - z)
     if temperature != 1.0:
         g_z = g_z / temperature
-    g_z = g_z.astype(h.dtype)
-    d_h = jnp.einsum("bcv,vh->bch", g_z, w.astype(h.dtype), preferred_element_type=jnp.float32)
-    d_w = jnp.einsum("bcv,bch->vh", g_z, h, preferred_element_type=jnp.float32)
-    return d_h.astype(h.dtype), d_w.astype(w.dtype), None
+    d_h, d_w = dot_fp32_out_grads(h, w, g_z)
+    return d_h, d_w, None
 
 
 _chunk_logprobs.defvjp(_chunk_logprobs_fwd, _chunk_logprobs_bwd)

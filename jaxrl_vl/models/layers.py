@@ -35,19 +35,16 @@ def dot_fp32_out(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
 
 
-def _dot_fp32_out_fwd(x, w):
-    return dot_fp32_out(x, w), (x, w)
-
-
-def _dot_fp32_out_bwd(residuals, g):
-    x, w = residuals
+def dot_fp32_out_grads(x: jax.Array, w: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(dx, dw) of dot_fp32_out for the logits cotangent g, both matmuls in x's dtype."""
     g = g.astype(x.dtype)
     dx = jnp.einsum("...v,vd->...d", g, w.astype(x.dtype), preferred_element_type=jnp.float32)
     dw = jnp.einsum("...v,...d->vd", g, x, preferred_element_type=jnp.float32)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-dot_fp32_out.defvjp(_dot_fp32_out_fwd, _dot_fp32_out_bwd)
+dot_fp32_out.defvjp(lambda x, w: (dot_fp32_out(x, w), (x, w)),
+                    lambda residuals, g: dot_fp32_out_grads(*residuals, g))
 
 
 def rms_norm(p: dict, x: jax.Array, eps: float) -> jax.Array:

@@ -48,9 +48,8 @@ def unembed(params: dict, hidden: jax.Array, config: ModelConfig) -> jax.Array:
     """hidden [..., D] -> logits [..., V] float32 (lm_head, or the token embedding when tied).
 
     Multiplies in hidden's dtype and accumulates in fp32. A LoRA overlay on lm_head is honoured."""
-    head = embedding_table(params) if config.tie_word_embeddings else params["lm_head"]["weight"]
     dtype = hidden.dtype
-    logits = dot_fp32_out(hidden, head.astype(dtype))
+    logits = dot_fp32_out(hidden, _head_matrix(params, config).astype(dtype))
     lm_head = params.get("lm_head", {})
     if "lora_A" in lm_head:
         low = jnp.einsum("...d,rd->...r", hidden, lm_head["lora_A"].astype(dtype))
@@ -59,12 +58,17 @@ def unembed(params: dict, hidden: jax.Array, config: ModelConfig) -> jax.Array:
     return logits
 
 
+def _head_matrix(params: dict, config: ModelConfig) -> jax.Array:
+    """The [V, D] unembedding: lm_head, or the token embedding when tied."""
+    return embedding_table(params) if config.tie_word_embeddings else params["lm_head"]["weight"]
+
+
 def unembedding(params: dict, config: ModelConfig):
     """What losses.chunked_token_logprobs takes: the [V, D] unembedding matrix (its fast path), or a
     function hidden -> logits when a LoRA overlay adapts lm_head."""
     if "lora_A" in params.get("lm_head", {}):
         return lambda hidden: unembed(params, hidden, config)
-    return embedding_table(params) if config.tie_word_embeddings else params["lm_head"]["weight"]
+    return _head_matrix(params, config)
 
 
 def _gather_per_token(is_image: jax.Array, rows: jax.Array) -> jax.Array:
