@@ -25,6 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
     rl.eval_env_kwargs = ml_collections.ConfigDict()  # overrides of env_kwargs for held-out episodes
     rl.num_groups = 8                 # env seeds per step
     rl.samples_per_group = 4          # episodes per seed (GRPO group size n)
+    rl.updates_per_step = 1           # PPO mini-batches: optimizer updates per RL step, each on 1/k of the episodes
+                                      # (shuffled; train.grad_accum_steps micro-batches each)
     rl.max_concurrent_episodes = 16
     rl.max_turns = 0                  # 0 = the env's own max_turns
     rl.max_tokens_per_turn = 32
@@ -39,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     rl.filter_zero_variance_groups = True  # DAPO dynamic sampling: drop groups whose rewards are all equal
     rl.step_advantage_weight = 0.0    # > 0: GiGPO turn-level credit, A = A_episode + w * A_step over turns taken in the
                                       # same env state (envs with state_key(); losses/step_advantages.py)
+    rl.negative_advantage_weight = 1.0  # < 1: negative advantages scaled down (0 = positives only; W-REINFORCE 0.1)
     rl.step_discount = 0.95           # gamma of the per-turn returns the step-level groups compare
     rl.train_seed_offset = 0          # step s uses env seeds offset + (s-1)*num_groups + [0, num_groups)
     rl.eval_seed_offset = 1_000_000   # held-out seeds offset + [0, eval_episodes), same before and after RL

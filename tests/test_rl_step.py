@@ -180,6 +180,7 @@ def test_rl_steps_with_weight_push_keep_drift_small_and_resume(tiny_model_dir, t
         config.rl.max_tokens_per_turn = 8
         config.optim.learning_rate = 3e-3
         config.train.num_steps = 2
+        config.rl.updates_per_step = 2  # PPO mini-batches: the next step's drift checks the final weights were pushed
         config.checkpoint.every_steps = 1
         config.checkpoint.async_save = False
         config.metrics.use_wandb = config.metrics.progress_bar = config.metrics.plot_at_end = False
@@ -196,6 +197,7 @@ def test_rl_steps_with_weight_push_keep_drift_small_and_resume(tiny_model_dir, t
     for record in steps:
         assert record["train/drift_mean"] <= 1e-4, record
         assert record["train/grad_norm"] > 0 and record["rollout/stale_turns"] == 0.0
+        assert 1 <= record["train/updates"] <= 2
         assert record["rollout/images_mean"] >= 2  # several images per training sequence
     assert summary["success_before_rl"] is not None
 

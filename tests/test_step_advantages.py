@@ -67,3 +67,16 @@ def test_maze_state_key_follows_the_agent():
         else:
             assert env.state_key()[1] != start[1]
     assert bumped is not None  # a 5x5 maze cell always has a wall on some side
+
+
+def test_weight_negative_scales_only_negative_advantages():
+    from jaxrl_vl.losses.advantages import weight_negative
+
+    per_episode = [[1.0, -2.0], [np.array([0.5, -1.0, 0.0])]]
+    out = weight_negative(per_episode, 0.1)
+    assert out[0] == [1.0, pytest.approx(-0.2)]
+    np.testing.assert_allclose(out[1][0], [0.5, -0.1, 0.0])
+    assert weight_negative(per_episode, 1.0) is per_episode
+    assert weight_negative(per_episode, 0.0)[0] == [1.0, 0.0]
+    with pytest.raises(ValueError, match="negative_advantage_weight"):
+        weight_negative(per_episode, 1.5)

@@ -30,6 +30,11 @@ for name in ${RUNS:-2b_1gpu 2b_fsdp2 8b_lora}; do
     # 2B full fine-tune on one GPU vs transformers + PyTorch on the same batch (2 rows): the fastest setting,
     # decoder layers unrolled (no activation copies in and out of scan stacks; compiles in ~3 min)
     2b_1gpu) CUDA_VISIBLE_DEVICES=0 run $name ${T:-330} $TWO_B --batch-size 2 --remat dots_attn --layer-loop unrolled ;;
+    # the PyTorch reference's recipe (bf16 params and bf16 AdamW moments) on ours too, same batch, side by side
+    2b_1gpu_bf16) CUDA_VISIBLE_DEVICES=0 run $name ${T:-330} $TWO_B --batch-size 2 --remat dots_attn --layer-loop unrolled \
+      --param-dtype bfloat16 ;;
+    2b_1gpu_bf16_scan) CUDA_VISIBLE_DEVICES=0 run $name ${T:-120} $TWO_B --batch-size 2 --remat dots_attn --skip-torch \
+      --param-dtype bfloat16 --profile "$OUT/trace_$name" ;;
     # the same under lax.scan (compiles in ~20 s), plus the vision tower timed alone
     2b_1gpu_scan) CUDA_VISIBLE_DEVICES=0 run $name ${T:-90} $TWO_B --batch-size 2 --remat dots_attn --skip-torch \
       --breakdown ;;
@@ -39,6 +44,13 @@ for name in ${RUNS:-2b_1gpu 2b_fsdp2 8b_lora}; do
     # scheduler overlap each layer's weight all-gather with the previous layer's compute
     2b_fsdp2) XLA_FLAGS=$LHS run $name ${T:-330} $TWO_B --batch-size 4 --remat dots_attn --layer-loop unrolled \
       --mesh 2 --skip-torch ;;
+    2b_fsdp2_bf16) XLA_FLAGS=$LHS run $name ${T:-330} $TWO_B --batch-size 4 --remat dots_attn --layer-loop unrolled \
+      --mesh 2 --skip-torch --param-dtype bfloat16 ;;
+    # the bf16 compute copy gathered once per step and kept for the backward (FSDP SHARD_GRAD_OP / ZeRO-2)
+    2b_fsdp2_bf16_gather_step) XLA_FLAGS=$LHS run $name ${T:-330} $TWO_B --batch-size 4 --remat dots_attn \
+      --layer-loop unrolled --mesh 2 --skip-torch --param-dtype bfloat16 --fsdp-gather step ;;
+    2b_1gpu_bf16_notorch) CUDA_VISIBLE_DEVICES=0 run $name ${T:-330} $TWO_B --batch-size 2 --remat dots_attn \
+      --layer-loop unrolled --param-dtype bfloat16 --skip-torch ;;
     # under lax.scan, with XLA's collective pipelining across loop iterations instead
     2b_fsdp2_scan) XLA_FLAGS=$PIPE run $name ${T:-120} $TWO_B --batch-size 4 --remat dots_attn --mesh 2 --skip-torch ;;
     # 8B LoRA (rank 32 on attention + MLP of the text decoder), frozen base in bf16

@@ -10,7 +10,8 @@ transformers + PyTorch on the same batch, in the same run. The last line printed
 Weights are random, drawn directly on the device(s) in JAX (no checkpoint is written or read); the
 PyTorch reference builds transformers' model from the same config.json dict with its own random init
 (same shapes; values don't matter for speed). bf16 compute, fp32 master weights and fp32 AdamW states
-(LoRA: frozen base weights stored in bf16, adapters fp32). The loss is chunked cross-entropy over the
+(LoRA: frozen base weights stored in bf16, adapters fp32); `--param-dtype bfloat16` stores the trained
+weights and both AdamW moments in bf16 instead, the recipe of the PyTorch reference. The loss is chunked cross-entropy over the
 final hidden states, so no full [B, L, V] fp32 logits ever exist. The PyTorch reference
 (tools/bench_torch.py) runs first in its own process so the two frameworks never share GPU memory.
 """
@@ -58,7 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-cast-params", action="store_true",
                    help="keep fp32 weights until each matmul (default: cast the trained tree to bf16 once "
                         "per step, so FSDP gathers bf16 and the scan reads bf16)")
+    p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="trained weights and AdamW moments: float32 (master weights, our trainer's default) or "
+                        "bfloat16 (the PyTorch reference's recipe: bf16 params, bf16 AdamW states)")
     p.add_argument("--mesh", type=int, default=1, help="FSDP over this many GPUs (batch split too)")
+    p.add_argument("--fsdp-gather", default="layer", choices=("layer", "step"),
+                   help="layer: XLA gathers each weight where it is used, again in the backward (ZeRO-3); step: "
+                        "the bf16 compute copy is gathered once per step and kept for the backward, weights and "
+                        "AdamW states stay sharded (PyTorch FSDP's SHARD_GRAD_OP; costs one bf16 model copy)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the vision tower alone (forward + backward to its weights)")
@@ -134,7 +142,7 @@ def make_step(config, optimizer, args, lora_cfg, out_shardings=None, mesh=None):
     import jax
     import jax.numpy as jnp
     import optax
-    from jaxrl_vl import models
+    from jaxrl_vl import models, sharding
     from jaxrl_vl.activation_sharding import traced_under_mesh
     from jaxrl_vl.losses.sft import chunked_token_logprobs
     from jaxrl_vl.models.lora import overlay
@@ -147,6 +155,8 @@ def make_step(config, optimizer, args, lora_cfg, out_shardings=None, mesh=None):
     def loss_fn(trainable, frozen, batch):
         if not args.no_cast_params:
             trainable = to_compute(trainable)
+        if args.fsdp_gather == "step" and mesh is not None:
+            trainable = jax.lax.with_sharding_constraint(trainable, sharding.replicated(mesh))
         params = trainable if lora_cfg is None else overlay(frozen, trainable, lora_cfg)
         hidden = models.apply(params, batch, config, dtype=jnp.bfloat16, remat=args.remat, return_hidden=True,
                               attention=args.attention, layer_loop=args.layer_loop)
@@ -205,14 +215,18 @@ def run_jax(args, config, rows) -> dict:
     shardings_of = lambda tree: sharding.param_shardings(tree, mesh)  # noqa: E731
 
     started = time.perf_counter()
-    param_dtype = jnp.bfloat16 if args.lora else jnp.float32  # LoRA: frozen base in bf16
+    bf16_states = args.param_dtype == "bfloat16"
+    param_dtype = jnp.bfloat16 if args.lora or bf16_states else jnp.float32  # LoRA: frozen base in bf16
     params = init_params(config, args.seed, param_dtype, shardings_of)
     lora_cfg, frozen, trainable = None, None, params
     if args.lora:
         lora_cfg = LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank), targets=("attention", "mlp"))
         lora = init_lora(params, lora_cfg, jax.random.PRNGKey(args.seed + 1))
+        if bf16_states:
+            lora = jax.tree.map(lambda a: a.astype(jnp.bfloat16), lora)
         trainable, frozen = jax.device_put(lora, shardings_of(lora)), params
-    optimizer = optax.adamw(1e-5, weight_decay=0.0)
+    # bf16 states: the first moment in bf16 (mu_dtype), the second follows the (bf16) params, as torch's AdamW
+    optimizer = optax.adamw(1e-5, weight_decay=0.0, mu_dtype=jnp.bfloat16 if bf16_states else None)
     opt_state = jax.jit(optimizer.init)(trainable)
     # scalars the init creates from nothing (Adam's count) land on one device: replicate them on the mesh
     opt_state = jax.tree.map(lambda a: a if len(a.sharding.device_set) == len(devices)
@@ -308,6 +322,7 @@ def main(argv=None) -> dict:
         "like": args.like, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "images_per_row": args.images_per_row, "image_size": args.image_size, "lora": args.lora,
         "remat": args.remat, "layer_loop": args.layer_loop, "attention": args.attention, "cast_params_bf16": not args.no_cast_params,
+        "param_dtype": args.param_dtype, "fsdp_gather": args.fsdp_gather,
         "tokens_per_step": tokens, "step_flops": flops, "flops_formula": bench_common.FLOPS_FORMULA,
         "peak_flops_per_gpu": peak, "jax": rates(jax_result, args.mesh),
     }

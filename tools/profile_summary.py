@@ -77,14 +77,21 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 40) -> dict:
         kinds[kind] += ms
         rows.append((name, kind, round(ms, 3), count // steps, detail))
     rows.sort(key=lambda r: -r[2])
+    # Fusions come as many small kernels (loop_multiply_fusion_12, ...): their families without the numbers
+    families: dict[str, float] = collections.defaultdict(float)
+    for name, kind, ms, _, _ in rows:
+        if kind == "fusion":
+            families[re.sub(r"[._]\d+", "", name.split(" [")[0])] += ms
+    families = dict(sorted(((k, round(v, 2)) for k, v in families.items()), key=lambda kv: -kv[1])[:top])
     return {"device": plane.name, "op_lines": op_lines, "lines_ms_per_step": {k: round(v, 2) for k, v in busy.items()},
             "kinds_ms_per_step": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-            "top": rows[:top], "event_stats_example": sample_stats}
+            "fusion_families_ms_per_step": families, "top": rows[:top], "event_stats_example": sample_stats}
 
 
 def format_table(summary: dict) -> str:
     out = [f"device {summary['device']}; busy ms/step by line: {json.dumps(summary['lines_ms_per_step'])}",
-           f"by kind (ms/step): {json.dumps(summary['kinds_ms_per_step'])}", "top ops (ms/step, count/step):"]
+           f"by kind (ms/step): {json.dumps(summary['kinds_ms_per_step'])}",
+           f"fusion families (ms/step): {json.dumps(summary.get('fusion_families_ms_per_step', {}))}", "top ops (ms/step, count/step):"]
     for name, kind, ms, count, detail in summary["top"]:
         out.append(f"  {ms:9.3f} {count:5d} {kind:15s} {name[:90]}  {detail[:120]}")
     return "\n".join(out)

@@ -93,6 +93,20 @@ def filter_zero_variance_groups(rewards, *group_arrays, atol: float = 0.0):
     return (*out, kept)
 
 
+def weight_negative(advantages, weight: float):
+    """Scales the negative advantages by `weight` (per episode: a float or an array of per-turn values).
+    1 = unchanged; 0 = learn from the better-than-average samples only; in between, W-REINFORCE (Zhu et
+    al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning", lambda = 0.1):
+    pushing probability down on failures spreads it over every other token, which on a small policy
+    with few steps can unlearn good moves faster than the positives teach them."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"rl.negative_advantage_weight must be in [0, 1], got {weight}")
+    if weight == 1.0:
+        return advantages
+    return [[np.where(np.asarray(a) < 0, weight * np.asarray(a), a) if np.ndim(a) else (weight * a if a < 0 else a)
+             for a in row] for row in advantages]
+
+
 def token_advantages(sequence_advantages: jax.Array, loss_mask: jax.Array) -> jax.Array:
     """Broadcast one advantage per sequence [B] over its tokens: -> [B, L] (0 off the mask)."""
     return jnp.where(loss_mask != 0, sequence_advantages[:, None], 0.0).astype(jnp.float32)

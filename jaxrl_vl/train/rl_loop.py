@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxrl_vl.envs import make_env
 from jaxrl_vl.losses import step_advantages
-from jaxrl_vl.losses.advantages import compute_advantages, zero_variance_groups
+from jaxrl_vl.losses.advantages import compute_advantages, weight_negative, zero_variance_groups
 from jaxrl_vl.losses.policy import PolicyLossConfig
 from jaxrl_vl.rollout import weight_push
 from jaxrl_vl.rollout.agent_loop import AgentConfig, env_copier, load_decoder, run_groups
@@ -76,6 +76,22 @@ def _image_normalization(model_dir: str) -> tuple[list[float], list[float]]:
             if "image_mean" in processor:
                 return list(processor["image_mean"]), list(processor["image_std"])
     raise FileNotFoundError(f"{model_dir} has no preprocessor_config.json with image_mean/image_std")
+
+
+def _train_mini_batches(step_fn, state, batch: dict, updates: int):
+    """One optimizer update per mini-batch (PPO-style: later ones are off-policy, the policy loss's ratio to
+    the rollout logprobs corrects for it). Metrics are averaged over the updates, except drift_*: only the
+    first update scores the tokens with the weights vLLM sampled them with."""
+    size = batch["input_ids"].shape[0] // updates
+    per_update = []
+    for u in range(updates):
+        state, metrics = step_fn(state, {k: v[u * size:(u + 1) * size] for k, v in batch.items()})
+        per_update.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    merged = {k: float(np.mean([m[k] for m in per_update])) for k in per_update[0]}
+    merged.update({k: v for k, v in per_update[0].items() if k.startswith("drift")})
+    merged.update(ratio_min=min(m["ratio_min"] for m in per_update), ratio_max=max(m["ratio_max"] for m in per_update),
+                  updates=float(updates))
+    return state, {f"train/{k}": v for k, v in merged.items()}
 
 
 def turn_level_advantages(groups, episode_advantages, rl) -> tuple[list[list[np.ndarray]], dict]:
@@ -214,6 +230,8 @@ def run_rl(config) -> dict:
     if rl.max_staleness not in (0, 1):
         raise ValueError(f"rl.max_staleness={rl.max_staleness}: 0 (synchronous) or 1 (generate step k+1 while "
                          "training step k)")
+    if rl.updates_per_step < 1:
+        raise ValueError(f"rl.updates_per_step={rl.updates_per_step}: at least 1 optimizer update per RL step")
     loop = _LoopThread()
     servers = _Servers(config, model_dir, run_dir)
     run = loop.run
@@ -295,6 +313,7 @@ def run_rl(config) -> dict:
                 metrics.update(step_metrics)
                 # a group of equal rewards can still hold turn-level credit (e.g. all succeed, some sooner)
                 keep = keep | np.asarray([any(np.any(a != 0) for a in g) for g in per_episode])
+            per_episode = weight_negative(per_episode, rl.negative_advantage_weight)
             kept = [t for g, k in zip(groups, keep) for t in g if k]
             kept_adv = [a for a_row, k in zip(per_episode, keep) for a in a_row if k]
             metrics["rollout/groups_kept"] = float(keep.sum())
@@ -304,18 +323,23 @@ def run_rl(config) -> dict:
             rows = training_rows(kept, kept_adv, image_mean=image_mean, image_std=image_std)
             t_train = t_push = 0.0
             if rows:
-                batch = build_micro_batches(rows, model_config, num_micro_batches=config.train.grad_accum_steps,
+                # every mini-batch holds real rows (build_micro_batches deals them round-robin): a mini-batch
+                # of fillers only would still move the weights by Adam's momentum
+                updates = min(rl.updates_per_step, -(-len(rows) // config.train.grad_accum_steps))
+                micro_batches = config.train.grad_accum_steps * updates
+                if updates > 1:  # mini-batches mix the groups (same order on a resumed step)
+                    rows = [rows[i] for i in np.random.default_rng([config.seed, step]).permutation(len(rows))]
+                batch = build_micro_batches(rows, model_config, num_micro_batches=micro_batches,
                                             length_multiple=rl.length_multiple, patch_multiple=rl.patch_multiple,
                                             rows_multiple=max(1, rl.num_groups * rl.samples_per_group
-                                                              // config.train.grad_accum_steps))
+                                                              // micro_batches))
                 if ref_score is not None:
                     batch["ref_logprobs"] = np.stack([np.asarray(ref_score(ref_params, None, {k: v[a] for k, v in
                                                                                              batch.items()}))
                                                       for a in range(batch["input_ids"].shape[0])])
                 t_batch = time.perf_counter() - t1
                 t1 = time.perf_counter()
-                state, train_metrics = step_fn(state, batch)
-                train_metrics = {f"train/{k}": float(v) for k, v in jax.device_get(train_metrics).items()}
+                state, train_metrics = _train_mini_batches(step_fn, state, batch, updates)
                 t_train = time.perf_counter() - t1
                 metrics.update(train_metrics)
                 max_drift = max(max_drift, train_metrics["train/drift_mean"])

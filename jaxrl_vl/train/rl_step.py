@@ -217,16 +217,20 @@ def build_micro_batches(rows: list[dict], model_config, *, num_micro_batches: in
                         patch_multiple: int = 64, rows_multiple: int = 1) -> dict[str, np.ndarray]:
     """Training rows (trajectory.training_rows) -> one dict of arrays stacked on a leading
     micro-batch axis A = num_micro_batches: input_ids [A, B, L], position_ids [A, 3, B, L],
-    pixel_values [A, P, D], ... Rows are padded with non-training filler rows to A*B, B rounded up
-    to `rows_multiple`; L and P are rounded up to their multiples so jit sees few shapes."""
+    pixel_values [A, P, D], ... Rows are dealt round-robin over the A micro-batches and each is padded
+    with non-training filler rows to B, rounded up to `rows_multiple`; L and P are rounded up to their multiples so jit sees few shapes."""
     if not rows:
         raise ValueError("build_micro_batches: no rows (every group filtered out?)")
     if num_micro_batches < 1:
         raise ValueError(f"num_micro_batches={num_micro_batches} must be >= 1")
     pad_id = model_config.pad_token_id if model_config.pad_token_id is not None else 0
     per_micro = _round_up(-(-len(rows) // num_micro_batches), rows_multiple)
-    rows = list(rows) + [_filler_row(rows[0], pad_id)] * (per_micro * num_micro_batches - len(rows))
-    groups = [rows[i * per_micro:(i + 1) * per_micro] for i in range(num_micro_batches)]
+    # rows dealt round-robin, fillers last in each micro-batch: micro-batch i holds a real row whenever
+    # i < len(rows), which the RL loop's PPO mini-batches rely on
+    filler = _filler_row(rows[0], pad_id)
+    groups = [list(rows[i::num_micro_batches]) for i in range(num_micro_batches)]
+    groups = [g + [filler] * (per_micro - len(g)) for g in groups]
+    rows = [r for g in groups for r in g]
     length = _round_up(max(len(r["input_ids"]) for r in rows), length_multiple)
     merge = model_config.vision.spatial_merge_size ** 2
     patches = max(sum(int(np.prod(r["image_grid_thw"], axis=1).sum()) for r in g if "image_grid_thw" in r)
