@@ -11,8 +11,8 @@ Weights are random, drawn directly on the device(s) in JAX (no checkpoint is wri
 PyTorch reference builds transformers' model from the same config.json dict with its own random init
 (same shapes; values don't matter for speed). bf16 compute, fp32 master weights and fp32 AdamW states
 (LoRA: frozen base weights stored in bf16, adapters fp32); `--param-dtype bfloat16` stores the trained
-weights and both AdamW moments in bf16 instead, the recipe of the PyTorch reference. The loss is chunked cross-entropy over the
-final hidden states, so no full [B, L, V] fp32 logits ever exist. The PyTorch reference
+weights and both AdamW moments in bf16 instead, the recipe of the PyTorch reference. The loss is chunked
+cross-entropy over the final hidden states, so no full [B, L, V] fp32 logits ever exist. The PyTorch reference
 (tools/bench_torch.py) runs first in its own process so the two frameworks never share GPU memory.
 """
 from __future__ import annotations

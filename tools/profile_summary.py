@@ -91,7 +91,8 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 40) -> dict:
 def format_table(summary: dict) -> str:
     out = [f"device {summary['device']}; busy ms/step by line: {json.dumps(summary['lines_ms_per_step'])}",
            f"by kind (ms/step): {json.dumps(summary['kinds_ms_per_step'])}",
-           f"fusion families (ms/step): {json.dumps(summary.get('fusion_families_ms_per_step', {}))}", "top ops (ms/step, count/step):"]
+           f"fusion families (ms/step): {json.dumps(summary.get('fusion_families_ms_per_step', {}))}",
+           "top ops (ms/step, count/step):"]
     for name, kind, ms, count, detail in summary["top"]:
         out.append(f"  {ms:9.3f} {count:5d} {kind:15s} {name[:90]}  {detail[:120]}")
     return "\n".join(out)

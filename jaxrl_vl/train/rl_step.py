@@ -218,7 +218,8 @@ def build_micro_batches(rows: list[dict], model_config, *, num_micro_batches: in
     """Training rows (trajectory.training_rows) -> one dict of arrays stacked on a leading
     micro-batch axis A = num_micro_batches: input_ids [A, B, L], position_ids [A, 3, B, L],
     pixel_values [A, P, D], ... Rows are dealt round-robin over the A micro-batches and each is padded
-    with non-training filler rows to B, rounded up to `rows_multiple`; L and P are rounded up to their multiples so jit sees few shapes."""
+    with non-training filler rows to B, rounded up to `rows_multiple`; L and P are rounded up to their
+    multiples so jit sees few shapes."""
     if not rows:
         raise ValueError("build_micro_batches: no rows (every group filtered out?)")
     if num_micro_batches < 1:
