@@ -11,7 +11,7 @@ def test_one_update_per_mini_batch_and_drift_from_the_first():
         seen.append(batch["input_ids"].copy())
         u = len(seen) - 1
         return state + 1, {"loss": np.float32(u), "drift_mean": np.float32(10 + u), "ratio_min": np.float32(1 - u),
-                           "ratio_max": np.float32(1 + u)}
+                           "ratio_max": np.float32(1 + u), "loss_tokens": np.float32(5)}
 
     batch = {"input_ids": np.arange(6 * 2).reshape(6, 2)}  # 6 micro-batches: 3 updates of 2 micro-batches
     state, metrics = _train_mini_batches(step_fn, 0, batch, updates=3)
@@ -21,6 +21,7 @@ def test_one_update_per_mini_batch_and_drift_from_the_first():
     assert metrics["train/drift_mean"] == 10.0  # only the first update is on-policy
     assert metrics["train/ratio_min"] == -1.0 and metrics["train/ratio_max"] == 3.0
     assert metrics["train/updates"] == 3.0
+    assert metrics["train/loss_tokens"] == 15.0  # counts add up
 
 
 def test_rows_are_dealt_so_no_micro_batch_is_all_filler(tiny_model_dir):

@@ -80,8 +80,8 @@ def _image_normalization(model_dir: str) -> tuple[list[float], list[float]]:
 
 def _train_mini_batches(step_fn, state, batch: dict, updates: int):
     """One optimizer update per mini-batch (PPO-style: later ones are off-policy, the policy loss's ratio to
-    the rollout logprobs corrects for it). Metrics are averaged over the updates, except drift_*: only the
-    first update scores the tokens with the weights vLLM sampled them with."""
+    the rollout logprobs corrects for it). Metrics are averaged over the updates, except counts (summed) and
+    drift_*: only the first update scores the tokens with the weights vLLM sampled them with."""
     size = batch["input_ids"].shape[0] // updates
     per_update = []
     for u in range(updates):
@@ -89,6 +89,7 @@ def _train_mini_batches(step_fn, state, batch: dict, updates: int):
         per_update.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     merged = {k: float(np.mean([m[k] for m in per_update])) for k in per_update[0]}
     merged.update({k: v for k, v in per_update[0].items() if k.startswith("drift")})
+    merged["loss_tokens"] = sum(m["loss_tokens"] for m in per_update)
     merged.update(ratio_min=min(m["ratio_min"] for m in per_update), ratio_max=max(m["ratio_max"] for m in per_update),
                   updates=float(updates))
     return state, {f"train/{k}": v for k, v in merged.items()}
