@@ -103,8 +103,13 @@ def weight_negative(advantages, weight: float):
         raise ValueError(f"rl.negative_advantage_weight must be in [0, 1], got {weight}")
     if weight == 1.0:
         return advantages
-    return [[np.where(np.asarray(a) < 0, weight * np.asarray(a), a) if np.ndim(a) else (weight * a if a < 0 else a)
-             for a in row] for row in advantages]
+
+    def scaled(a):  # per-turn arrays stay arrays, per-episode floats stay floats
+        if np.ndim(a):
+            return np.where(np.asarray(a) < 0, weight * np.asarray(a), a)
+        return weight * a if a < 0 else a
+
+    return [[scaled(a) for a in row] for row in advantages]
 
 
 def token_advantages(sequence_advantages: jax.Array, loss_mask: jax.Array) -> jax.Array:
