@@ -72,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     v.max_model_len = 2048
     v.max_num_seqs = 8
     v.cpu_kv_cache_gib = 1            # integer GiB (vLLM's VLLM_CPU_KVCACHE_SPACE)
+    v.cpu_cores = "auto"              # CPU server's model cores: "auto" (vLLM keeps one for itself) | "all" | "0-3"
     v.max_images_per_prompt = 8
     v.enforce_eager = True
     v.max_concurrent_requests = 16

@@ -96,6 +96,23 @@ def test_step_cap_truncates_without_reward():
     assert Maze2DEnv(size=9).max_turns == 20 and Maze2DEnv(size=11).max_turns == 30
 
 
+def test_progress_reward_is_potential_based_shaping():
+    env = hand_env(progress_reward=0.1)
+    start = env.optimal_moves
+    assert env.step(UP).reward == 0.0  # into a wall: no move, no shaping
+    assert env.step("no action here").reward == 0.0  # unparseable: no move
+    assert env.step(RIGHT).reward == pytest.approx(0.1)  # one cell closer along the only route
+    assert env.step(LEFT).reward == pytest.approx(-0.1)  # and back
+    total = 0.0
+    for action in solve(HAND):
+        r = env.step(format_action(action))
+        total += r.reward
+    assert r.info["success"] and total == pytest.approx(1.0 + 0.1 * start)  # shaping telescopes to c * distance
+    assert hand_env().step(RIGHT).reward == 0.0  # off by default: VisGym's sparse reward
+    with pytest.raises(ValueError, match="progress_reward"):
+        hand_env(progress_reward=-1.0)
+
+
 def test_invalid_actions_use_a_step_with_visgym_feedback():
     env = hand_env()
     r = env.step("I think I should go somewhere")

@@ -4,6 +4,7 @@ import asyncio
 import base64
 import dataclasses
 import json
+import os
 
 import httpx
 import msgpack
@@ -68,6 +69,12 @@ def test_server_command_cpu_and_gpu_flags(tmp_path):
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_SERVER_DEV_MODE"] == "1" and env["HF_HUB_OFFLINE"] == "1"
     assert env["VLLM_PLUGINS"].split(",") == list(VLLM_PLUGIN_NAMES)  # our backend and weight-push routes
     assert "--worker-extension-cls" not in argv  # the shm transport's worker methods only when asked for
+    assert env.get("VLLM_CPU_OMP_THREADS_BIND") == os.environ.get("VLLM_CPU_OMP_THREADS_BIND")  # "auto": untouched
+    _, env = server_command(dataclasses.replace(cpu, cpu_cores="all"), 1234)
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    assert server_command(dataclasses.replace(cpu, cpu_cores="0-3,6"), 1)[1]["VLLM_CPU_OMP_THREADS_BIND"] == "0-3,6"
+    with pytest.raises(ValueError, match="cpu_cores='most'"):
+        server_command(dataclasses.replace(cpu, cpu_cores="most"), 1)
     argv, _ = server_command(dataclasses.replace(cpu, shm_weights=True), 1234)
     assert argv[argv.index("--worker-extension-cls") + 1] == SHM_WORKER_EXTENSION
     with pytest.raises(ValueError, match="shm_weights=True needs device='cpu' and enforce_eager=True"):

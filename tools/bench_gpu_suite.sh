@@ -51,6 +51,11 @@ for name in ${RUNS:-2b_1gpu 2b_fsdp2 8b_lora}; do
       --layer-loop unrolled --mesh 2 --skip-torch --param-dtype bfloat16 --fsdp-gather step ;;
     2b_1gpu_bf16_notorch) CUDA_VISIBLE_DEVICES=0 run $name ${T:-330} $TWO_B --batch-size 2 --remat dots_attn \
       --layer-loop unrolled --param-dtype bfloat16 --skip-torch ;;
+    # weak scaling at 4 rows (16k tokens) per GPU: the per-step gather + reduce-scatter spread over twice the work
+    2b_1gpu_bf16_b4) CUDA_VISIBLE_DEVICES=0 run $name ${T:-290} $TWO_B --batch-size 4 --remat dots_attn \
+      --layer-loop unrolled --param-dtype bfloat16 --skip-torch ;;
+    2b_fsdp2_bf16_gather_step_b8) XLA_FLAGS=$LHS run $name ${T:-290} $TWO_B --batch-size 8 --remat dots_attn \
+      --layer-loop unrolled --mesh 2 --skip-torch --param-dtype bfloat16 --fsdp-gather step ;;
     # under lax.scan, with XLA's collective pipelining across loop iterations instead
     2b_fsdp2_scan) XLA_FLAGS=$PIPE run $name ${T:-120} $TWO_B --batch-size 4 --remat dots_attn --mesh 2 --skip-torch ;;
     # 8B LoRA (rank 32 on attention + MLP of the text decoder), frozen base in bf16

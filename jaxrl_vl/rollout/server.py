@@ -12,6 +12,7 @@ that stays after it stops (errors quote its tail).
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -42,6 +43,11 @@ class ServerConfig:
     max_num_seqs: int = 8
     max_num_batched_tokens: int = 2048
     cpu_kv_cache_gib: int = 1  # CPU only (VLLM_CPU_KVCACHE_SPACE takes whole GiB)
+    # CPU only: the cores the model runs on. "auto": vLLM's choice, which keeps one core for its scheduler
+    # and API process (on 2 cores the model gets one); "all": every core this process may use, best when
+    # the trainer waits for the rollouts (Maze2D RL on 2 cores: rollouts ~28% faster, same tokens);
+    # or a list as "0-3" or "0,2" (VLLM_CPU_OMP_THREADS_BIND).
+    cpu_cores: str = "auto"
     gpu_memory_utilization: float = 0.85  # GPU only
     max_images_per_prompt: int = 4
     enforce_eager: bool = True  # CPU: faster start (no compile)
@@ -140,11 +146,24 @@ def server_command(config: ServerConfig, port: int) -> tuple[list[str], dict[str
             raise ValueError(f"ServerConfig.cpu_kv_cache_gib={config.cpu_kv_cache_gib!r}: vLLM takes a whole "
                              "number of GiB (>= 1) in VLLM_CPU_KVCACHE_SPACE")
         env["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
+        bind = _cpu_cores(config.cpu_cores)
+        if bind is not None:  # "auto": vLLM's default, or what the caller's environment says
+            env["VLLM_CPU_OMP_THREADS_BIND"] = bind
     if config.enable_lora:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if config.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = config.cuda_visible_devices
     return argv, env
+
+
+def _cpu_cores(cores: str) -> str | None:
+    if cores == "auto":
+        return None
+    if cores == "all":
+        return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    if re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", cores):
+        return cores
+    raise ValueError(f"ServerConfig.cpu_cores={cores!r}: use 'auto', 'all' or a core list such as '0-3' or '0,2'")
 
 
 def log_tail(log_path: str | None, num_lines: int = 40, max_line_chars: int = 600) -> str:

@@ -142,6 +142,7 @@ class _Servers:
                 model=model_dir, served_model_name=v.served_model_name or "policy", device=v.device,
                 max_model_len=v.max_model_len, max_num_seqs=v.max_num_seqs,
                 max_num_batched_tokens=max(v.max_model_len, 2048), cpu_kv_cache_gib=v.cpu_kv_cache_gib,
+                cpu_cores=v.cpu_cores,
                 max_images_per_prompt=v.max_images_per_prompt, enforce_eager=v.enforce_eager, seed=config.seed,
                 log_dir=os.path.join(run_dir, "vllm_logs"),
                 weight_transfer_backend="jaxrl_stream" if self.transport == "stream" else None,

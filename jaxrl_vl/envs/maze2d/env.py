@@ -68,6 +68,11 @@ class Maze2DEnv:
       exclude_eval_layouts: training envs set this so that reset(seed) never lands on one of the
         held-out evaluation layouts (evaluate.eval_layout_keys): it moves on to the next candidate
         seed. Matters when the layout space is small (e.g. 5x5 with random positions).
+      progress_reward: c > 0 adds potential-based shaping (Ng, Harada & Russell, 1999) to each turn's
+        reward: c x (shortest-path distance to the target before the move - after it). A move into a
+        wall or an unparseable reply earns 0, a step away -c; an episode's shaping sums to
+        c x (start distance - end distance), so the best policy stays the same. `info["success"]`
+        (what success rates count) is unchanged. For RL's dense signal; 0 = VisGym's sparse reward.
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class Maze2DEnv:
         target_hole: bool = True,
         positions: str = "corners",
         exclude_eval_layouts: bool = False,
+        progress_reward: float = 0.0,
     ):
         check_size(size)
         self.size = size
@@ -102,6 +108,9 @@ class Maze2DEnv:
             raise ValueError(f"positions={positions!r}: choose one of {POSITIONS}")
         self.positions = positions
         self.exclude_eval_layouts = exclude_eval_layouts
+        if progress_reward < 0:
+            raise ValueError(f"progress_reward must be >= 0, got {progress_reward}")
+        self.progress_reward = float(progress_reward)
         self.layout: MazeLayout | None = None
 
     # -- state ------------------------------------------------------------------------------
@@ -116,8 +125,7 @@ class Maze2DEnv:
         self.steps_taken = 0
         self.visited_target = False
         self.done = False
-        path = shortest_path(self.layout.walls, self.layout.agent, self.layout.target)
-        self.optimal_moves = None if path is None else len(path) - 1
+        self.optimal_moves = self._distance_to_target(self.agent)
         text = self.instructions + "\n" + A.step_line(0, self.max_turns)
         return [user_message(image_part(self.frame()), text_part(text))]
 
@@ -130,6 +138,10 @@ class Maze2DEnv:
                 candidate += SKIP_SEED_STRIDE
                 layout = random_layout(self.size, candidate, self.positions)
         return layout
+
+    def _distance_to_target(self, cell: Position) -> int | None:
+        path = shortest_path(self.layout.walls, cell, self.layout.target)
+        return None if path is None else len(path) - 1
 
     def state_key(self) -> tuple:
         """What the next action depends on: the agent's cell and whether the target was visited (the
@@ -163,10 +175,15 @@ class Maze2DEnv:
             raise RuntimeError("episode is over; call reset(seed)")
         parsed = A.parse_action(assistant_text, self.action_format)
         stopped = False
+        before = self.agent
         if parsed.action is None:
             feedback = parsed.error
         else:
             self.agent, feedback, stopped = apply_action(self.layout.walls, self.agent, parsed.action)
+        progress = 0.0
+        if self.progress_reward and self.agent != before:
+            # grid neighbours: the distances differ by exactly one (the target is reachable from every floor cell)
+            progress = self.progress_reward * (self._distance_to_target(before) - self._distance_to_target(self.agent))
         self.visited_target |= self.agent == tuple(self.layout.target)
         self.steps_taken += 1
         success = stopped and self.agent == tuple(self.layout.target)
@@ -191,4 +208,4 @@ class Maze2DEnv:
             if self.include_feedback:
                 text = f"Environment feedback: {feedback}\n\n{text}"
             messages = [user_message(image_part(self.frame()), text_part(text))]
-        return StepResult(messages=messages, reward=1.0 if success else 0.0, done=self.done, info=info)
+        return StepResult(messages=messages, reward=(1.0 if success else 0.0) + progress, done=self.done, info=info)
