@@ -182,8 +182,9 @@ class Maze2DEnv:
             self.agent, feedback, stopped = apply_action(self.layout.walls, self.agent, parsed.action)
         progress = 0.0
         if self.progress_reward and self.agent != before:
-            # grid neighbours: the distances differ by exactly one (the target is reachable from every floor cell)
-            progress = self.progress_reward * (self._distance_to_target(before) - self._distance_to_target(self.agent))
+            distances = self._distance_to_target(before), self._distance_to_target(self.agent)
+            if None not in distances:  # a hand-built layout may wall the target off
+                progress = self.progress_reward * (distances[0] - distances[1])
         self.visited_target |= self.agent == tuple(self.layout.target)
         self.steps_taken += 1
         success = stopped and self.agent == tuple(self.layout.target)

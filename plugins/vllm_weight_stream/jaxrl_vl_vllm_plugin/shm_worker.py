@@ -172,7 +172,7 @@ class ShmWeightsWorker:
 def _repack_pool() -> ThreadPoolExecutor:
     """Re-pack threads allowed on the cores of the whole server, not just the worker's: vLLM's CPU worker
     pins itself to its OMP cores (on 2 cores: core 0 alone), while the engine is paused for the commit
-    the API server's cores are idle. 40 layers on 2 cores: 7.8 ms in one thread, 5.1 in two."""
+    the API server's cores are idle. The small model's ~40 layers on 2 cores: 12.9 ms in one thread, ~9 in two."""
     cores = os.sched_getaffinity(0) | os.sched_getaffinity(os.getppid())
     return ThreadPoolExecutor(min(len(cores), 8), thread_name_prefix="jaxrl_shm_repack",
                               initializer=os.sched_setaffinity, initargs=(0, cores))  # 0: the calling thread
