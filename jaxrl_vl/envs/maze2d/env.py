@@ -125,7 +125,8 @@ class Maze2DEnv:
         self.steps_taken = 0
         self.visited_target = False
         self.done = False
-        self.optimal_moves = self._distance_to_target(self.agent)
+        # _distance: the agent's cell's, kept up to date by step() when progress_reward shapes the reward
+        self.optimal_moves = self._distance = self._distance_to_target(self.agent)
         text = self.instructions + "\n" + A.step_line(0, self.max_turns)
         return [user_message(image_part(self.frame()), text_part(text))]
 
@@ -182,9 +183,9 @@ class Maze2DEnv:
             self.agent, feedback, stopped = apply_action(self.layout.walls, self.agent, parsed.action)
         progress = 0.0
         if self.progress_reward and self.agent != before:
-            distances = self._distance_to_target(before), self._distance_to_target(self.agent)
-            if None not in distances:  # a hand-built layout may wall the target off
-                progress = self.progress_reward * (distances[0] - distances[1])
+            before_distance, self._distance = self._distance, self._distance_to_target(self.agent)
+            if None not in (before_distance, self._distance):  # a hand-built layout may wall the target off
+                progress = self.progress_reward * (before_distance - self._distance)
         self.visited_target |= self.agent == tuple(self.layout.target)
         self.steps_taken += 1
         success = stopped and self.agent == tuple(self.layout.target)
