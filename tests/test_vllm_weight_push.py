@@ -2,7 +2,7 @@
 
 A push of perturbed weights changes vLLM's logprobs exactly as transformers predicts for those
 weights (fp32), the version label follows the push, images seen before the push are served
-again after it (pause/resume clears the encoder cache), restoring the weights restores the logprobs
+again after it (a push clears the encoder cache), restoring the weights restores the logprobs
 bit for bit, and a failed push leaves the server serving the previous version.
 """
 import asyncio
@@ -61,8 +61,7 @@ def test_push_changes_logprobs_as_transformers_predicts(vllm_server, tiny_model_
 
     async def scenario(client):
         rendered = await client.render(messages)
-        # the baseline through the same transport: shm serves with unpacked GEMMs, vLLM's own load with
-        # oneDNN-packed ones (they round differently), and the restore below must match it bit for bit
+        # the baseline through the same transport: the restore below must match it bit for bit
         await push_state_dict(original, [client], version=0, transport=transport, root=str(tmp_path))
         before = await client.generate(rendered, sampling)
         try:

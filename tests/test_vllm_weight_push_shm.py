@@ -1,11 +1,11 @@
 """The `shm` weight push into the real CPU vLLM server of the session (jaxrl_vl.rollout.weight_shm).
 
-The server's model reads the shared-memory slot the trainer wrote (no server-side copy, linear layers
-unpacked): the logprobs it then gives agree with vLLM's own reload of the same weights (whose oneDNN
-packed GEMMs round differently: <= 1e-4, the parity bound) and with transformers' for those weights
-(test_vllm_weight_push.py); a push refused before writing (wrong shape) or a commit of a slot whose
-write did not finish leaves the old weights and version; the `reload` transport and `shm` alternate
-on one server; restoring the weights restores the logprobs bit for bit.
+The server's model reads the shared-memory slot the trainer wrote (no server-side copy; its linear
+layers re-packed by vLLM's own CPU GEMM dispatch): the logprobs it then gives equal those of vLLM's own
+reload of the same weights bit for bit (which agree with transformers': test_vllm_weight_push.py); a
+push refused before writing (wrong shape) or a commit of a slot whose write did not finish leaves the
+old weights and version; the `reload` transport and `shm` alternate on one server; restoring the
+weights restores the logprobs bit for bit.
 """
 import asyncio
 
@@ -77,5 +77,35 @@ def test_shm_push_matches_reload_and_refuses_unfinished_writes(vllm_server, tiny
     shm_tokens, shm_logprobs, shm_versions = out["shm"]
     assert reload_versions == ["1"] and shm_versions == ["2"]
     assert shm_tokens == reload_tokens and reload_logprobs != base_logprobs
-    np.testing.assert_allclose(shm_logprobs, reload_logprobs, atol=1e-4, rtol=0)
+    assert shm_logprobs == reload_logprobs  # bit for bit: the same packed GEMMs
     assert out["restored"] == out["base"]  # bit for bit
+
+
+def test_push_while_generating_pauses_and_an_idle_push_takes_one_engine_call(vllm_server, tiny_model_dir):
+    """An idle engine loads in one engine-core call (no pause: plugin engine_core.py); with a request
+    running, the commit pauses as usual: mode "wait" lets it finish on the old weights first."""
+    from safetensors.numpy import load_file
+
+    original = load_file(f"{tiny_model_dir}/model.safetensors")
+
+    async def main():
+        async with VLLMClient(vllm_server.url, vllm_server.served_model_name) as client:
+            idle = await push_state_dict(original, [client], version="idle", transport="shm")
+            for attempt in range(3):  # this host sometimes stalls a process for seconds: retry until the
+                # push lands while the long request is still being decoded
+                running = asyncio.create_task(client.generate(PROMPT, {**SAMPLING, "max_tokens": 1900}))
+                await asyncio.sleep(0.3)
+                busy = await push_state_dict(original, [client], version=f"busy{attempt}", transport="shm",
+                                             pause_mode="wait")
+                finished = (await running)["choices"][0]
+                if "server_pause" in busy.phase_seconds:
+                    break
+            after = (await client.generate(PROMPT, SAMPLING))["choices"][0]
+            return idle, busy, finished, after, attempt
+
+    idle, busy, finished, after, attempt = asyncio.run(main())
+    assert "server_load" in idle.phase_seconds and "server_pause" not in idle.phase_seconds
+    assert "server_pause" in busy.phase_seconds and "server_resume" in busy.phase_seconds
+    expected_before = "idle" if attempt == 0 else f"busy{attempt - 1}"
+    assert len(finished["token_ids"]) == 1900 and weight_versions(finished) == [expected_before]
+    assert weight_versions(after) == [f"busy{attempt}"]

@@ -1,4 +1,5 @@
-"""vLLM general plugin: registers the `jaxrl_stream` weight-transfer backend.
+"""vLLM general plugin: registers the `jaxrl_stream` weight-transfer backend and the engine core's
+one-round-trip weight load (engine_core.py).
 
 Installed into the vLLM environment by tools/install_vllm.sh; vLLM calls `register()` in every
 process (API server, engine core, workers) through the `vllm.general_plugins` entry point. Serve
@@ -12,6 +13,10 @@ BACKEND_NAME = "jaxrl_stream"
 
 def register() -> None:
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    from jaxrl_vl_vllm_plugin import engine_core
+
+    engine_core.install()
 
     if BACKEND_NAME not in WeightTransferEngineFactory._registry:
         WeightTransferEngineFactory.register_engine(BACKEND_NAME, "jaxrl_vl_vllm_plugin.engine",

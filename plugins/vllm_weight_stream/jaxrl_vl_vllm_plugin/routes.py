@@ -17,7 +17,8 @@ correctness"). Here the trainer sends raw bytes and one commit; the steps run se
         of a folder the trainer wrote on this host)
                             or  {"version", "pause_mode", "shm": {"slot", "nonce", "layout_id"}}  (shm: the
         worker adopts the slot the trainer wrote, shm_worker.py)
-        -> pause, load, set version, resume; answers the server-side seconds of each phase.
+        -> pause, load, set version, resume; answers the server-side seconds of each phase. reload and shm
+        on an idle engine: load, cache resets and version in one engine-core call (engine_core.py).
     POST /jaxrl/weights/shm/layout  {"tensors": {name: [dtype, shape]}}  (shm transport, first push): the
         worker (paused meanwhile) works out where each pushed tensor goes in its two shared-memory
         slots and answers their paths and the copy runs (shm_worker.py).
@@ -35,6 +36,8 @@ from typing import Literal
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+
+from jaxrl_vl_vllm_plugin import engine_core
 
 PLUGIN_NAME = "jaxrl_vl_weight_push"
 STREAM_BACKEND = "jaxrl_stream"
@@ -135,7 +138,22 @@ async def commit(request: Request, body: CommitRequest):
             now = time.perf_counter()
             seconds[name], mark = now - mark, now
 
-        # AsyncLLM.pause_generation minus its trailing 20 ms sleep (vllm/v1/engine/async_llm.py: "not
+        # reload and shm are one worker call: on an idle engine, one engine-core call that also resets the
+        # caches and sets the version (engine_core.py: no pause, ~3 fewer round trips); else the usual way
+        worker_call = None if body.manifest is not None else (
+            ("jaxrl_shm_commit", body.shm) if body.shm is not None else
+            ("reload_weights", {"weights_path": body.weights_path}))
+        if worker_call is not None:
+            try:
+                idle = await engine.engine_core.call_utility_async(engine_core.METHOD, *worker_call, body.version)
+            except Exception as error:  # noqa: BLE001 - reported to the trainer with the server's state
+                return await _failed(engine, body.version, error)
+            if idle["loaded"]:
+                lap("load")
+                _note_worker(seconds, idle["result"])
+                seconds["handler"] = time.perf_counter() - handler_start
+                return JSONResponse({"weight_version": body.version, "seconds": seconds})
+        # Busy: AsyncLLM.pause_generation minus its trailing 20 ms sleep (vllm/v1/engine/async_llm.py: "not
         # required for correctness"). With clear_cache the engine drops the prefix, mm and encoder
         # caches once drained; nothing is scheduled again before resume.
         await engine.renderer.clear_mm_cache_async()
@@ -144,12 +162,9 @@ async def commit(request: Request, body: CommitRequest):
         try:
             if body.manifest is not None:
                 await _load_staged(receiver, body, staged)
-            elif body.shm is not None:
-                worker = (await engine.collective_rpc("jaxrl_shm_commit", kwargs=body.shm))[0]
-                seconds.update(worker=worker["seconds"], worker_swap=worker["swap_seconds"],
-                               worker_pack=worker["pack_seconds"])
             else:
-                await engine.collective_rpc("reload_weights", kwargs={"weights_path": body.weights_path})
+                method, kwargs = worker_call
+                _note_worker(seconds, (await engine.collective_rpc(method, kwargs=kwargs))[0])
             lap("load")
             await engine.update_weight_version(body.version)
             if body.pause_mode == "keep":  # frozen requests resume: their cached prefixes are stale
@@ -157,16 +172,26 @@ async def commit(request: Request, body: CommitRequest):
                 await engine.reset_encoder_cache()
             lap("version")
         except Exception as error:  # noqa: BLE001 - reported to the trainer with the server's state
-            await engine.resume_generation()
-            old_version = await engine.get_weight_version()  # only set after a successful load
-            state = ("resumed with its previous weights and version" if not engine.errored else
-                     "DIED (vLLM's in-place reload leaves no usable weights on failure); restart it")
-            return _error(500, f"weight push as version {body.version} failed; the server {state} "
-                               f"(weight_version {old_version}): {error}")
+            return await _failed(engine, body.version, error)
         await engine.resume_generation()
         lap("resume")
     seconds["handler"] = time.perf_counter() - handler_start
     return JSONResponse({"weight_version": body.version, "seconds": seconds})
+
+
+def _note_worker(seconds: dict, result) -> None:
+    if isinstance(result, dict) and "seconds" in result:  # shm_worker.ShmWeightsWorker.jaxrl_shm_commit
+        seconds.update(worker=result["seconds"], worker_swap=result["swap_seconds"],
+                       worker_pack=result["pack_seconds"])
+
+
+async def _failed(engine, version: str, error: Exception) -> JSONResponse:
+    await engine.resume_generation()  # (not paused on the idle path: then a no-op)
+    old_version = await engine.get_weight_version()  # only set after a successful load
+    state = ("resumed with its previous weights and version" if not engine.errored else
+             "DIED (vLLM's in-place reload leaves no usable weights on failure); restart it")
+    return _error(500, f"weight push as version {version} failed; the server {state} "
+                       f"(weight_version {old_version}): {error}")
 
 
 @router.post("/jaxrl/weights/shm/layout")

@@ -162,8 +162,7 @@ class ShmWeightsWorker:
         packed_done = time.perf_counter()
         layout.active = slot
         layout.maps[slot][:8] = bytes(8)  # consumed: the same nonce cannot commit this slot twice
-        self.model_runner.reset_encoder_cache()
-        self.model_runner.reset_mm_cache()
+        # (the caller drops the prefix and encoder caches: routes.py, engine_core.py)
         return {"active_slot": slot, "seconds": time.perf_counter() - start, "swap_seconds": swapped - start,
                 "pack_seconds": packed_done - swapped, "num_packed": len(packed)}
 
