@@ -1,7 +1,8 @@
 """Qwen-VL text decoder (Qwen3-VL and Qwen2.5-VL), pure functions over an HF-named params tree.
 
 params["layers"] holds every decoder layer stacked on axis 0 and is run with `jax.lax.scan`, so the
-compiled program has one layer body whatever the depth. Per-arch differences (all from TextConfig):
+compiled program has one layer body whatever the depth; or, in the unstacked layout (models.layout), a
+Python list of per-layer params run by a Python loop (layer_loop "unrolled"). Per-arch differences (all from TextConfig):
   Qwen3-VL: RMSNorm over head_dim on q and k (before RoPE), interleaved M-RoPE, optional attention bias,
             DeepStack: visual features of the first ViT taps are added at image positions after
             decoder layers 0..n_deepstack-1.
@@ -97,7 +98,8 @@ def decoder(params: dict, inputs_embeds: jax.Array, position_ids: jax.Array, seg
             layer_loop: str = "scan") -> jax.Array:
     """Runs all decoder layers and the final norm.
 
-    params: the `model.language_model` subtree (layers stacked). inputs_embeds [B, L, D];
+    params: the `model.language_model` subtree (layers stacked, or a list: then layer_loop must be
+    "unrolled"). inputs_embeds [B, L, D];
     position_ids int [3, B, L]; segment_ids int [B, L];
     deepstack_embeds: [n, B, L, D] dense per-token additions after layers 0..n-1 (zeros off image tokens).
     attention: one of ATTENTION_IMPLS (see there; "cudnn_causal" only for unpacked rows).
@@ -136,8 +138,19 @@ def decoder(params: dict, inputs_embeds: jax.Array, position_ids: jax.Array, seg
             x = x + jnp.where(layer_index < num_deepstack, extra, jnp.zeros_like(extra))
         return constrain(x, BATCH, None, None), None
 
-    stacked = (params["layers"], jnp.arange(cfg.num_hidden_layers), jnp.asarray(sliding, bool))
     x = constrain(inputs_embeds.astype(dtype), BATCH, None, None)
+    if isinstance(params["layers"], list):  # unstacked layout (models.layout): no slicing at all
+        if layer_loop != "unrolled":
+            raise ValueError(f"layer_loop={layer_loop!r} needs stacked layers, but params['layers'] is a list "
+                             "(unstacked): pass layer_loop='unrolled', or models.stack_layers(params) to scan")
+        if len(params["layers"]) != cfg.num_hidden_layers:
+            raise ValueError(f"params['layers'] has {len(params['layers'])} layers, config "
+                             f"num_hidden_layers={cfg.num_hidden_layers}")
+        block = layers.remat(body, remat)
+        for index, layer_params in enumerate(params["layers"]):
+            x, _ = block(x, (layer_params, jnp.asarray(index), jnp.asarray(sliding[index], bool)))
+        return constrain(rms_norm(params["norm"], x, cfg.rms_norm_eps), BATCH, None, None)
+    stacked = (params["layers"], jnp.arange(cfg.num_hidden_layers), jnp.asarray(sliding, bool))
     if layer_loop == "scan":
         x, _ = jax.lax.scan(layers.remat(body, remat), x, stacked)
     elif layer_loop == "unrolled":

@@ -20,7 +20,8 @@ gaps, empty slots) stay well under the power-of-two padding of P that the [P, P]
 replaces ran its MLPs on (vision_inputs' docstring has the numbers). Qwen2.5-VL's windowed layers
 gather each slot's windows ([N, W, Lw], within the slot, so still local; windows never cross frames,
 so they need no segments) around their attention.
-Blocks run under `jax.lax.scan` over the stacked "blocks" params.
+Blocks run under `jax.lax.scan` over the stacked "blocks" params, or as a Python loop when "blocks" is a
+list of per-block params (the unstacked layout, models.layout).
 """
 from __future__ import annotations
 
@@ -116,6 +117,8 @@ def _attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, vinputs: d
 
     if windowed is None:
         out = per_frame(q, k, v)
+    elif isinstance(windowed, bool):  # a Python loop over blocks knows each block's type
+        out = per_window(q, k, v) if windowed else per_frame(q, k, v)
     else:  # only the taken branch runs (the layer type is per scan step)
         out = jax.lax.cond(windowed, per_window, per_frame, q, k, v)
     return linear(p["proj"], out.reshape(num_slots, slot_len, hidden), dtype)
@@ -150,6 +153,22 @@ def _scan_blocks(block_fn, blocks: dict, x: jax.Array, per_layer, remat: str) ->
     return x
 
 
+def _run_blocks(block_fn, blocks, x: jax.Array, per_layer: list, remat: str, start: int = 0,
+                stop: int | None = None) -> jax.Array:
+    """Blocks start..stop-1 of a stack (scanned) or of a list (a Python loop: no slices of a stack).
+    per_layer: one Python value per block; the loop passes it to block_fn as is (static), the scan as an array."""
+    stop = len(per_layer) if stop is None else stop
+    if not isinstance(blocks, list):
+        return _scan_blocks(block_fn, _slice_layers(blocks, start, stop), x, jnp.asarray(per_layer[start:stop]),
+                            remat)
+    if len(blocks) != len(per_layer):
+        raise ValueError(f"params['blocks'] has {len(blocks)} blocks, vision depth is {len(per_layer)}")
+    for p, extra in zip(blocks[start:stop], per_layer[start:stop]):
+        # the same jax.checkpoint policy per block as the scan body; `extra` closed over to stay static
+        x = remat_block(lambda h, p, extra=extra: block_fn(p, h, extra), remat)(x, p)
+    return x
+
+
 def _patch_embed(p: dict, pixel_values: jax.Array, dtype) -> jax.Array:
     """Conv3d with kernel == stride is a linear map over each flattened (C, T, p, p) patch."""
     weight = p["weight"]
@@ -157,6 +176,8 @@ def _patch_embed(p: dict, pixel_values: jax.Array, dtype) -> jax.Array:
 
 
 def _slice_layers(tree: dict, start: int, stop: int) -> dict:
+    if start == 0 and stop == len(jax.tree_util.tree_leaves(tree)[0]):
+        return tree  # the whole stack: no slice op
     return jax.tree_util.tree_map(lambda a: a[start:stop], tree)
 
 
@@ -191,14 +212,16 @@ def _apply_qwen3(params, vision_config, x, vinputs, dtype, remat):
     if sorted(deepstack_indexes) != deepstack_indexes or any(not 0 <= i < depth for i in deepstack_indexes):
         raise ValueError(f"deepstack_visual_indexes={deepstack_indexes} must be increasing and within depth={depth}")
     # Scan the blocks in runs that end at each DeepStack layer, so the tapped features are plain values.
+    # With a list of blocks (unstacked layout) each run is a Python loop and the mergers are list entries.
     deepstack, start = [], 0
     for k, stop in enumerate(deepstack_indexes + [depth - 1]):
         if stop + 1 > start:
-            x = _scan_blocks(block_fn, _slice_layers(params["blocks"], start, stop + 1), x,
-                             jnp.zeros(stop + 1 - start), remat)
+            x = _run_blocks(block_fn, params["blocks"], x, [0.0] * depth, remat, start, stop + 1)
             start = stop + 1
         if k < len(deepstack_indexes):
-            merger_k = jax.tree_util.tree_map(lambda a: a[k], params["deepstack_merger_list"])
+            mergers = params["deepstack_merger_list"]
+            merger_k = (mergers[k] if isinstance(mergers, list)
+                        else jax.tree_util.tree_map(lambda a: a[k], mergers))
             deepstack.append(_qwen3_merger(merger_k, x, merged_dim, True, dtype))
     image_embeds = _to_processor_order(_qwen3_merger(params["merger"], x, merged_dim, False, dtype), vinputs)
     return image_embeds, (_to_processor_order(jnp.stack(deepstack), vinputs) if deepstack else None)
@@ -209,9 +232,9 @@ def _apply_qwen2_5(params, vision_config, x, vinputs, dtype, remat):
     cos, sin = _rotary_cos_sin(vinputs["vision_slot_positions"], head_dim, _rope_theta(vision_config))
     depth = int(vision_config.depth)
     full_indexes = [int(i) for i in vision_config.fullatt_block_indexes]
-    windowed = jnp.asarray([i not in full_indexes for i in range(depth)])
+    windowed = [i not in full_indexes for i in range(depth)]
     block_fn = lambda p, h, is_windowed: _qwen2_5_block(p, h, cos, sin, vinputs, is_windowed, vision_config, dtype)
-    x = _scan_blocks(block_fn, params["blocks"], x, windowed, remat)
+    x = _run_blocks(block_fn, params["blocks"], x, windowed, remat)
     merger = params["merger"]
     merged_dim = int(vision_config.hidden_size) * int(vision_config.spatial_merge_size) ** 2
     h = rms_norm(merger["ln_q"], x, NORM_EPS).reshape(-1, merged_dim)
