@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_vl.models.layout import is_unstacked, stack_layers, unstack_layers
+
 STACKED_LISTS = ("layers", "blocks", "deepstack_merger_list")
 NOT_LINEAR = ("embed_tokens", "pos_embed", "patch_embed")  # embeddings / conv: never adapted
 CATEGORY_PATTERNS = {
@@ -124,7 +126,10 @@ def target_modules(params: dict, cfg: LoraConfig) -> dict[tuple[str, ...], tuple
 
 def init_lora(params: dict, cfg: LoraConfig, rng: jax.Array) -> dict:
     """LoRA tree for `params`: lora_A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform with
-    a=sqrt(5)), lora_B = 0, so the overlaid model starts equal to the base model. fp32."""
+    a=sqrt(5)), lora_B = 0, so the overlaid model starts equal to the base model. fp32.
+    Unstacked params (models.layout) get an unstacked LoRA tree with the same values."""
+    if is_unstacked(params):  # the module walk below reads stacked shapes: use the stacked shapes
+        return unstack_layers(init_lora(jax.eval_shape(stack_layers, params), cfg, rng))
     lora: dict = {}
     for path, shape in target_modules(params, cfg).items():
         *layers, out_dim, in_dim = shape
@@ -158,6 +163,11 @@ def overlay(params: dict, lora: dict, cfg: LoraConfig) -> dict:
     """params with lora_A / lora_B / lora_scale inserted into each adapted module. Only the dicts
     on the way to adapted modules are copied; base arrays are shared (no memory copy)."""
     def insert(p: dict, lo: dict, path: tuple[str, ...]) -> dict:
+        if isinstance(lo, list) or isinstance(p, list):  # unstacked layout (models.layout): one tree per layer
+            if not (isinstance(lo, list) and isinstance(p, list) and len(p) == len(lo)):
+                raise ValueError(f"{'.'.join(path)!r}: LoRA tree and params differ in layout (stacked vs a "
+                                 "list of layers); convert both alike with models.stack_layers/unstack_layers")
+            return [insert(pi, li, path + (str(i),)) for i, (pi, li) in enumerate(zip(p, lo))]
         out = dict(p)
         for key, sub in lo.items():
             if "lora_A" in sub:
