@@ -9,7 +9,10 @@ One mesh with axes ("data", "fsdp", "tensor"):
           their input dim.
 Rules are regexes over a param's dotted path (HF names, e.g.
 "model.language_model.layers.self_attn.q_proj.weight"); the leading layer axis of stacked lists
-("layers", "blocks", "deepstack_merger_list") is never split (lax.scan slices it). A dim that a
+("layers", "blocks", "deepstack_merger_list") is never split (lax.scan slices it). In the unstacked
+layout (models.layout) those lists are Python lists: a leaf's path carries the layer index
+("...layers.3.self_attn.q_proj.weight"), it has no layer axis, and it gets the stacked leaf's spec
+without the leading entry (the size threshold counts the whole list, as for the stack). A dim that a
 mesh axis does not divide stays replicated and the fallback is logged (and listed by
 `describe_param_sharding`). Any placement is numerically correct (XLA inserts the collectives);
 the rules only decide the communication pattern.
@@ -88,17 +91,40 @@ def path_to_name(path) -> str:
 
 
 def _is_stacked(name: str) -> bool:
-    return any(part in STACKED_LIST_NAMES for part in name.split("."))
+    """Inside a stacked list: a list name not followed by a layer index (unstacked: "layers.3.")."""
+    parts = name.split(".")
+    return any(part in STACKED_LIST_NAMES and not (i + 1 < len(parts) and parts[i + 1].isdigit())
+               for i, part in enumerate(parts))
+
+
+def _unstacked_lengths(params) -> dict[str, int]:
+    """Dotted prefix of each unstacked layer list (e.g. "model.language_model.layers") -> its length."""
+    lengths: dict[str, int] = {}
+    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        parts = path_to_name(path).split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part in STACKED_LIST_NAMES and parts[i + 1].isdigit():
+                prefix = ".".join(parts[:i + 1])
+                lengths[prefix] = max(lengths.get(prefix, 0), int(parts[i + 1]) + 1)
+    return lengths
+
+
+def _list_length(name: str, lengths: dict[str, int]) -> int:
+    """How many layers share a leaf of this name (1 outside unstacked lists)."""
+    return math.prod(n for prefix, n in lengths.items() if name.startswith(prefix + "."))
 
 
 def param_partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh,
-                         min_sharded_size: int = MIN_SHARDED_SIZE) -> tuple[P, list[str]]:
-    """PartitionSpec for one param (by dotted name and shape) + notes about fallbacks."""
+                         min_sharded_size: int = MIN_SHARDED_SIZE,
+                         list_length: int = 1) -> tuple[P, list[str]]:
+    """PartitionSpec for one param (by dotted name and shape) + notes about fallbacks.
+    list_length: for a leaf of an unstacked list, the list's length (the threshold then sees the
+    stacked leaf's size, so both layouts get the same spec)."""
     axes: list[Any] = [None] * len(shape)
     notes: list[str] = []
     first = 1 if _is_stacked(name) and len(shape) >= 1 else 0  # stacked layer axis: never split
     inner = list(range(first, len(shape)))
-    if not inner or math.prod(shape) < min_sharded_size:
+    if not inner or math.prod(shape) * list_length < min_sharded_size:
         return P(*axes), notes
     tensor_size, fsdp_size = mesh.shape["tensor"], mesh.shape["fsdp"]
 
@@ -131,11 +157,12 @@ def param_partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh,
 def param_partition_specs(params, mesh: Mesh, min_sharded_size: int = MIN_SHARDED_SIZE):
     """Tree of PartitionSpecs mirroring `params` (also works for optimizer states holding
     param-shaped trees: the rules match path suffixes). Logs the replication fallbacks."""
-    fallbacks = []
+    fallbacks, lengths = [], _unstacked_lengths(params)
 
     def spec(path, leaf):
         name = path_to_name(path)
-        pspec, notes = param_partition_spec(name, tuple(np.shape(leaf)), mesh, min_sharded_size)
+        pspec, notes = param_partition_spec(name, tuple(np.shape(leaf)), mesh, min_sharded_size,
+                                            _list_length(name, lengths))
         fallbacks.extend(f"{name} {tuple(np.shape(leaf))}: {note}" for note in notes)
         return pspec
     specs = jax.tree_util.tree_map_with_path(spec, params)
@@ -160,11 +187,12 @@ def shard_params(params, mesh: Mesh, min_sharded_size: int = MIN_SHARDED_SIZE):
 def describe_param_sharding(params, mesh: Mesh,
                             min_sharded_size: int = MIN_SHARDED_SIZE) -> list[str]:
     """Human-readable lines 'name shape -> spec [notes]' (what got split, what fell back)."""
-    lines = []
+    lines, lengths = [], _unstacked_lengths(params)
 
     def visit(path, leaf):
         name = path_to_name(path)
-        pspec, notes = param_partition_spec(name, tuple(np.shape(leaf)), mesh, min_sharded_size)
+        pspec, notes = param_partition_spec(name, tuple(np.shape(leaf)), mesh, min_sharded_size,
+                                            _list_length(name, lengths))
         lines.append(f"{name} {tuple(np.shape(leaf))} -> {pspec}"
                      + (f"  [{'; '.join(notes)}]" if notes else ""))
         return leaf
