@@ -98,12 +98,14 @@ def run_torch_reference(args) -> dict:
     return json.loads(lines[-1])
 
 
-def init_params(config, seed: int, dtype, shardings_of=None):
+def init_params(config, seed: int, dtype, shardings_of=None, unstacked: bool = False):
     """Random params (HF-named, stacked lists) drawn on the device in one jitted program:
-    weights N(0, 0.02), norm weights 1, biases 0. shardings_of(abstract tree) -> out shardings."""
+    weights N(0, 0.02), norm weights 1, biases 0. shardings_of(abstract tree) -> out shardings.
+    unstacked: layer lists as Python lists of per-layer trees (models.layout), split in the same program,
+    so each layer is placed on its own and no stacked copy outlives the init."""
     import jax
     import jax.numpy as jnp
-    from jaxrl_vl.models import checkpoint
+    from jaxrl_vl.models import checkpoint, layout
 
     stacked: dict[tuple, list] = {}
     for name, shape in checkpoint.expected_shapes(config).items():
@@ -130,8 +132,13 @@ def init_params(config, seed: int, dtype, shardings_of=None):
                 leaves.append((0.02 * jax.random.normal(k, leaf.shape, jnp.float32)).astype(dtype))
         return jax.tree_util.tree_unflatten(treedef, leaves)
 
-    out_shardings = None if shardings_of is None else shardings_of(abstract)
-    return jax.jit(draw, out_shardings=out_shardings)(jax.random.PRNGKey(seed))
+    def draw_in_layout(key):
+        params = draw(key)
+        return layout.unstack_layers(params) if unstacked else params
+
+    out_shardings = (None if shardings_of is None
+                     else shardings_of(jax.eval_shape(draw_in_layout, jax.random.PRNGKey(0))))
+    return jax.jit(draw_in_layout, out_shardings=out_shardings)(jax.random.PRNGKey(seed))
 
 
 def make_step(config, optimizer, args, lora_cfg, out_shardings=None, mesh=None):
@@ -217,7 +224,8 @@ def run_jax(args, config, rows) -> dict:
     started = time.perf_counter()
     bf16_states = args.param_dtype == "bfloat16"
     param_dtype = jnp.bfloat16 if args.lora or bf16_states else jnp.float32  # LoRA: frozen base in bf16
-    params = init_params(config, args.seed, param_dtype, shardings_of)
+    # The unrolled loop reads per-layer params (no slicing of a stack inside the step): store them unstacked.
+    params = init_params(config, args.seed, param_dtype, shardings_of, unstacked=args.layer_loop == "unrolled")
     lora_cfg, frozen, trainable = None, None, params
     if args.lora:
         lora_cfg = LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank), targets=("attention", "mlp"))
@@ -284,6 +292,7 @@ def run_jax(args, config, rows) -> dict:
     return {**extra, "vision_slots": vision_slots, "step_s": float(np.median(step_times)), "step_s_all": step_times, "compile_s": compile_s,
             "init_s": init_s, "attention_used": attention, "compile_errors": errors, "peak_memory_gib": peak / 2**30, "loss_first_last": [losses[0], losses[-1]],
             "num_params": models.num_params(params),
+            "params_layout": "unstacked" if models.is_unstacked(params) else "stacked",
             "num_trainable": models.num_params(trainable), "devices": [d.device_kind for d in devices]}
 
 
@@ -321,7 +330,8 @@ def main(argv=None) -> dict:
         "card": jax.devices()[0].device_kind, "backend": jax.default_backend(), "gpus": args.mesh,
         "like": args.like, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "images_per_row": args.images_per_row, "image_size": args.image_size, "lora": args.lora,
-        "remat": args.remat, "layer_loop": args.layer_loop, "attention": args.attention, "cast_params_bf16": not args.no_cast_params,
+        "remat": args.remat, "layer_loop": args.layer_loop,
+        "params_layout": jax_result["params_layout"], "attention": args.attention, "cast_params_bf16": not args.no_cast_params,
         "param_dtype": args.param_dtype, "fsdp_gather": args.fsdp_gather,
         "tokens_per_step": tokens, "step_flops": flops, "flops_formula": bench_common.FLOPS_FORMULA,
         "peak_flops_per_gpu": peak, "jax": rates(jax_result, args.mesh),
