@@ -18,10 +18,14 @@ from jaxrl_vl.sharding import STACKED_LIST_NAMES
 
 
 def _map_lists(tree, convert):
-    """tree with convert(value) applied to the value of every dict key in STACKED_LIST_NAMES."""
+    """tree with convert(value) applied to the value of every dict key in STACKED_LIST_NAMES. Descends
+    dicts, lists and tuples (optax states are tuples of NamedTuples holding param-shaped dicts)."""
     if isinstance(tree, dict):
         return {key: convert(value) if key in STACKED_LIST_NAMES else _map_lists(value, convert)
                 for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        items = [_map_lists(item, convert) for item in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
     return tree
 
 
