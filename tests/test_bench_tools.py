@@ -56,3 +56,15 @@ def test_attention_option_resolution():
     assert attention_implementation("cudnn_causal", jnp.bfloat16, 128) == "cudnn_causal"
     with pytest.raises(ValueError, match="attention="):
         attention_implementation("flash", jnp.bfloat16, 128)
+
+
+@pytest.mark.slow  # one tiny compile + step on CPU (~15 s)
+def test_bench_train_unrolled_runs_on_unstacked_params():
+    """The profiled GPU configuration on the tiny model: --layer-loop unrolled stores params unstacked."""
+    import bench_train
+
+    summary = bench_train.main(["--like", "tiny", "--seq-len", "256", "--image-size", "64", "--steps", "1",
+                                "--skip-torch", "--layer-loop", "unrolled", "--remat", "dots_attn",
+                                "--param-dtype", "bfloat16"])
+    assert summary["params_layout"] == "unstacked" == summary["jax"]["params_layout"]
+    assert all(np.isfinite(summary["jax"]["loss_first_last"]))
