@@ -1,6 +1,6 @@
 """The unstacked params layout (models.layout): per-layer lists of "layers" / "blocks" /
 "deepstack_merger_list" run by Python loops. On tiny random Qwen3-VL (DeepStack) and Qwen2.5-VL
-(windowed + full-attention blocks) models, fp32 CPU: the conversion round-trips exactly, logits and
+(windowed + full-attention blocks, sliding-window text layers) models, fp32 CPU: the conversion round-trips exactly, logits and
 gradients equal the stacked lax.scan path, and sharding specs equal the stacked ones minus the layer axis."""
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def _config(arch: str) -> ModelConfig:
                                                       mrope_section=[2, 3, 3], mrope_interleaved=True))
         vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0, 2])  # taps at both ends
     else:
-        text.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
+        text.update(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
+                    use_sliding_window=True, sliding_window=6, max_window_layers=1)  # layers 1, 2 slide
         vision.update(window_size=16, fullatt_block_indexes=[1])
     return ModelConfig.from_hf_dict({"model_type": arch, "tie_word_embeddings": False, "text_config": text,
                                      "vision_config": vision, **SPECIAL_IDS})

@@ -2,7 +2,8 @@
 
 params["layers"] holds every decoder layer stacked on axis 0 and is run with `jax.lax.scan`, so the
 compiled program has one layer body whatever the depth; or, in the unstacked layout (models.layout), a
-Python list of per-layer params run by a Python loop (layer_loop "unrolled"). Per-arch differences (all from TextConfig):
+Python list of per-layer params run by a Python loop (layer_loop "unrolled").
+Per-arch differences (all from TextConfig):
   Qwen3-VL: RMSNorm over head_dim on q and k (before RoPE), interleaved M-RoPE, optional attention bias,
             DeepStack: visual features of the first ViT taps are added at image positions after
             decoder layers 0..n_deepstack-1.
