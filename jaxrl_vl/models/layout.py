@@ -17,14 +17,14 @@ import numpy as np
 from jaxrl_vl.sharding import STACKED_LIST_NAMES
 
 
-def _map_lists(tree, convert):
+def map_layer_lists(tree, convert):
     """tree with convert(value) applied to the value of every dict key in STACKED_LIST_NAMES. Descends
     dicts, lists and tuples (optax states are tuples of NamedTuples holding param-shaped dicts)."""
     if isinstance(tree, dict):
-        return {key: convert(value) if key in STACKED_LIST_NAMES else _map_lists(value, convert)
+        return {key: convert(value) if key in STACKED_LIST_NAMES else map_layer_lists(value, convert)
                 for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
-        items = [_map_lists(item, convert) for item in tree]
+        items = [map_layer_lists(item, convert) for item in tree]
         return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
     return tree
 
@@ -49,16 +49,16 @@ def _stack(per_layer):
 
 def unstack_layers(params):
     """Stacked lists -> Python lists of per-layer pytrees (leaf [i] of each stacked array)."""
-    return _map_lists(params, _unstack)
+    return map_layer_lists(params, _unstack)
 
 
 def stack_layers(params):
     """The inverse of unstack_layers: Python lists of per-layer pytrees -> [num, ...] stacks."""
-    return _map_lists(params, _stack)
+    return map_layer_lists(params, _stack)
 
 
 def is_unstacked(params) -> bool:
     """Whether any stacked-list name of the tree holds a Python list."""
     found = []
-    _map_lists(params, lambda value: found.append(isinstance(value, list)))
+    map_layer_lists(params, lambda value: found.append(isinstance(value, list)))
     return any(found)
