@@ -4,7 +4,10 @@ Transport `reload` (works on CPU and GPU when the server can read the trainer's 
   1. params -> HF-named tensors (`models.checkpoint.to_hf_state_dict`) -> one safetensors file in a
      new folder per version under /dev/shm (memory-backed; written once for all servers);
   2. on every server: one POST /jaxrl/weights/commit {weights_path} (our plugin's route, which runs
-     the steps below server-side: weight_routes.py; a stock server answers 404 and gets the calls):
+     the steps below server-side: weight_routes.py; a stock server answers 404 and gets the calls).
+     On an idle engine the route makes ONE engine-core call instead (plugin engine_core.py): the
+     worker's reload, the prefix and encoder cache resets and the version, between two engine steps
+     (nothing is scheduled meanwhile, so no pause is needed). With requests running or queued:
      POST /pause?mode=wait (drains in-flight requests; clears the KV/prefix cache)
      -> POST /collective_rpc reload_weights {weights_path} (the worker also clears encoder and mm
      caches) -> POST /update_weight_version -> POST /reset_prefix_cache, /reset_encoder_cache
@@ -27,8 +30,8 @@ Transport `stream` (no shared disk; the trainer may be on another host, e.g. a C
 Transport `shm` (same host; the fastest): the server runs our worker extension
   (ServerConfig.shm_weights) and its model reads two shared-memory slots laid out as vLLM's own
   parameters; the trainer copies the tensors into the slot not in use and one commit makes the engine
-  pause, adopt that slot (no server-side copy; only the CPU linear layers are re-packed from it, as
-  vLLM's own load does), set the version and resume. A state that does not match, or a write that did
+  (if busy: pause,) adopt that slot (no server-side copy; only the CPU linear layers are re-packed from it, as
+  vLLM's own load does), set the version (and resume). A state that does not match, or a write that did
   not finish, is refused: the server keeps its weights and version. Details: weight_shm.py and
   plugins/vllm_weight_stream/jaxrl_vl_vllm_plugin/shm_worker.py.
 LoRA (`push_lora`): the adapter is exported in PEFT format to a NEW folder per version (reusing a
