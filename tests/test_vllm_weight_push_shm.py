@@ -8,6 +8,7 @@ old weights and version; the `reload` transport and `shm` alternate on one serve
 weights restores the logprobs bit for bit.
 """
 import asyncio
+import re
 
 import numpy as np
 import pytest
@@ -94,7 +95,7 @@ def test_push_while_generating_pauses_and_an_idle_push_takes_one_engine_call(vll
             for attempt in range(3):  # this host sometimes stalls a process for seconds: retry until the
                 # push lands while the long request is still being decoded
                 running = asyncio.create_task(client.generate(PROMPT, {**SAMPLING, "max_tokens": 1900}))
-                await asyncio.sleep(0.3)
+                await _until_a_request_runs(client)
                 busy = await push_state_dict(original, [client], version=f"busy{attempt}", transport="shm",
                                              pause_mode="wait")
                 finished = (await running)["choices"][0]
@@ -109,3 +110,14 @@ def test_push_while_generating_pauses_and_an_idle_push_takes_one_engine_call(vll
     expected_before = "idle" if attempt == 0 else f"busy{attempt - 1}"
     assert len(finished["token_ids"]) == 1900 and weight_versions(finished) == [expected_before]
     assert weight_versions(after) == [f"busy{attempt}"]
+
+
+async def _until_a_request_runs(client, timeout_seconds: float = 30.0) -> None:
+    """Polls the server's Prometheus gauge until the engine schedules a request."""
+    deadline = asyncio.get_running_loop().time() + timeout_seconds
+    while asyncio.get_running_loop().time() < deadline:
+        found = re.search(r"^vllm:num_requests_running\{[^}]*\} (\S+)", await client.request("GET", "/metrics"), re.M)
+        if found and float(found.group(1)) > 0:
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("no request started running on the server")
