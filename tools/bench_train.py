@@ -101,8 +101,8 @@ def run_torch_reference(args) -> dict:
 def init_params(config, seed: int, dtype, shardings_of=None, unstacked: bool = False):
     """Random params (HF-named, stacked lists) drawn on the device in one jitted program:
     weights N(0, 0.02), norm weights 1, biases 0. shardings_of(abstract tree) -> out shardings.
-    unstacked: layer lists as Python lists of per-layer trees (models.layout), split after the draw by one
-    small program per stacked leaf (drawing and splitting ~600 leaves in one program compiled for minutes);
+    unstacked: layer lists as Python lists of per-layer trees, split after the draw (models.layout: one
+    small program per leaf shape; drawing and splitting ~600 leaves in one program compiled for minutes);
     the stacked copies are dropped once split."""
     import jax
     import jax.numpy as jnp
@@ -137,14 +137,7 @@ def init_params(config, seed: int, dtype, shardings_of=None, unstacked: bool = F
         jax.random.PRNGKey(seed))
     if not unstacked:
         return params
-    split = jax.jit(lambda a: tuple(a[i] for i in range(a.shape[0])))  # compiled once per leaf shape
-
-    def unstack(stacked):
-        leaves, tree = jax.tree_util.tree_flatten(stacked)
-        parts = [split(leaf) for leaf in leaves]
-        return [jax.tree_util.tree_unflatten(tree, [p[i] for p in parts]) for i in range(len(parts[0]))]
-
-    params = layout.map_layer_lists(params, unstack)
+    params = layout.unstack_layers(params)
     return params if shardings_of is None else jax.device_put(params, shardings_of(params))
 
 

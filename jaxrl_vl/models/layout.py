@@ -35,7 +35,18 @@ def _unstack(stacked):
     sizes = {np.shape(leaf)[0] for leaf in jax.tree.leaves(stacked)}
     if len(sizes) != 1:
         raise ValueError(f"a stacked list's leaves disagree on the layer count: {sorted(sizes)}")
-    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(sizes.pop())]
+    leaves, tree = jax.tree.flatten(stacked)
+    parts = [_split(leaf) for leaf in leaves]
+    return [jax.tree.unflatten(tree, [part[i] for part in parts]) for i in range(sizes.pop())]
+
+
+# One small program per leaf shape that returns every layer's slice: eager a[i] per layer and leaf would
+# dispatch (and compile) hundreds of ops for a real model.
+_split_device = jax.jit(lambda a: tuple(a[i] for i in range(a.shape[0])))
+
+
+def _split(leaf):
+    return [leaf[i] for i in range(leaf.shape[0])] if isinstance(leaf, np.ndarray) else _split_device(leaf)
 
 
 def _stack(per_layer):

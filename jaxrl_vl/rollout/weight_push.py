@@ -9,8 +9,7 @@ Transport `reload` (works on CPU and GPU when the server can read the trainer's 
      worker's reload, the prefix and encoder cache resets and the version, between two engine steps
      (nothing is scheduled meanwhile, so no pause is needed). With requests running or queued:
      POST /pause?mode=wait (drains in-flight requests; clears the KV/prefix cache)
-     -> POST /collective_rpc reload_weights {weights_path} (the worker also clears encoder and mm
-     caches) -> POST /update_weight_version -> POST /reset_prefix_cache, /reset_encoder_cache
+     -> POST /collective_rpc reload_weights {weights_path} -> POST /update_weight_version -> POST /reset_prefix_cache, /reset_encoder_cache
      -> POST /resume. Resume always runs once pause succeeded and the trainer gets WeightPushError;
      a folder that fails `validate_weights_folder` (missing, truncated, or not the tensors written)
      is refused before pausing, but a reload that fails inside vLLM 0.32 leaves the engine without
