@@ -62,6 +62,23 @@ def test_grad_accumulation_equals_one_big_batch(setup):
     assert moved > 0  # the step changed the params
 
 
+def test_chunked_fused_loss_gives_the_full_logits_update(setup):
+    """loss_chunk_size > 0 takes the fused cross-entropy (gradient formed in the forward pass): same loss, same
+    gradient norm and same SGD update as the plain full-logits loss."""
+    config, params, renderer, _, examples = setup
+    optimizer, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
+    batch, _ = split_host_stats(_collate(config, renderer, 2)([[e] for e in examples]))
+    results = []
+    for chunk in (0, 24):  # 24: rows of 128 tokens in 6 chunks
+        step = make_sft_step(config, optimizer, schedule, loss_chunk_size=chunk, donate=False)
+        results.append(step(create_train_state(params, optimizer, jax.random.PRNGKey(0)), batch))
+    (plain, m_plain), (fused, m_fused) = results
+    np.testing.assert_allclose(float(m_fused["loss"]), float(m_plain["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m_fused["grad_norm"]), float(m_plain["grad_norm"]), rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(fused.params), jax.tree.leaves(plain.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
 def test_repeated_steps_reduce_the_loss_and_lora_trains_only_the_adapter(setup):
     from jaxrl_vl.models import lora as lora_lib
     config, params, renderer, _, examples = setup

@@ -37,6 +37,19 @@ for name in ${RUNS:-2b_1gpu 2b_fsdp2 8b_lora}; do
     # the fastest setting since the layers are stored unstacked), with PyTorch side by side
     2b_1gpu_bf16_remat_none) CUDA_VISIBLE_DEVICES=0 run $name ${T:-330} $TWO_B --batch-size 2 --remat none \
       --layer-loop unrolled --param-dtype bfloat16 ;;
+    # A/B of the cross-entropy: logprobs first and their gradient in the backward (what RL losses need)
+    # against the default fused loss (gradient formed in the forward pass) of 2b_1gpu_bf16_remat_none
+    2b_1gpu_bf16_remat_none_logprobs) CUDA_VISIBLE_DEVICES=0 run $name ${T:-330} $TWO_B --batch-size 2 --remat none \
+      --layer-loop unrolled --param-dtype bfloat16 --loss logprobs --skip-torch ;;
+    2b_1gpu_bf16_remat_none_chunk2048) CUDA_VISIBLE_DEVICES=0 run $name ${T:-330} $TWO_B --batch-size 2 --remat none \
+      --layer-loop unrolled --param-dtype bfloat16 --loss-chunk 2048 --skip-torch ;;
+    2b_1gpu_bf16_remat_none_no_triton_gemm) CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
+      run $name ${T:-330} $TWO_B --batch-size 2 --remat none --layer-loop unrolled --param-dtype bfloat16 --skip-torch ;;
+    # traced, with the optimized HLO dumped next to it (to map the trace's fusion names to model code)
+    2b_1gpu_bf16_remat_none_profiled) CUDA_VISIBLE_DEVICES=0 \
+      XLA_FLAGS="--xla_dump_to=$OUT/hlo_$name --xla_dump_hlo_module_re=jit_step --xla_dump_hlo_pass_re=NONE" \
+      run $name ${T:-330} $TWO_B --batch-size 2 --remat none --layer-loop unrolled --param-dtype bfloat16 --skip-torch \
+      --profile "$OUT/trace_$name" ;;
     2b_1gpu_bf16_profiled) CUDA_VISIBLE_DEVICES=0 run $name ${T:-330} $TWO_B --batch-size 2 --remat dots_attn \
       --layer-loop unrolled --param-dtype bfloat16 --skip-torch --profile "$OUT/trace_$name" ;;
     2b_1gpu_bf16_scan) CUDA_VISIBLE_DEVICES=0 run $name ${T:-120} $TWO_B --batch-size 2 --remat dots_attn --skip-torch \
@@ -76,5 +89,7 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     d = json.loads(f.read_text()); j = d["jax"]; t = d.get("torch", {})
     print(f"{f.stem}: {d['card']} gpus {d['gpus']} B {d['batch_size']} remat {d['remat']} {d.get('layer_loop')} jax {j.get('tokens_per_s', 0):.0f} tok/s mfu {j.get('mfu', 0):.3f} "
           f"peak {j.get('peak_memory_gib', 0):.1f}GiB compile {j.get('compile_s', 0):.0f}s vision {j.get('vision_fwd_bwd_s', 0):.3f}s slots {j.get('vision_slots')} attn {j.get('attention_used')} | "
-          f"torch {t.get('tokens_per_s', 0):.0f} tok/s mfu {t.get('mfu', 0):.3f} | x{d.get('speedup_vs_torch', 0):.2f}")
+          f"torch {t.get('tokens_per_s', 0):.0f} tok/s mfu {t.get('mfu', 0):.3f} | x{d.get('speedup_vs_torch', 0):.2f} "
+          f"(each step waited for: jax {j.get('tokens_per_s_synced', 0):.0f} torch {t.get('tokens_per_s_synced', 0):.0f} "
+          f"x{d.get('speedup_vs_torch_synced', 0):.2f})")
 EOF

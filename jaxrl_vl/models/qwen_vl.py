@@ -75,13 +75,16 @@ def _gather_per_token(is_image: jax.Array, rows: jax.Array) -> jax.Array:
     """[B, L] mask, [N, D] rows -> [B, L, D]: the k-th True position (row-major) gets rows[k], others 0.
 
     The index is a per-row cumsum plus the image tokens of earlier rows (a cumsum over [B]), not a cumsum
-    over the flattened [B*L] mask, which would make every device of a batch-split mesh see every row."""
+    over the flattened [B*L] mask, which would make every device of a batch-split mesh see every row.
+    Text positions index one past the end and read the fill value 0: the gradient (a scatter-add into
+    rows) then drops them instead of adding their zeros onto one clamped row, which serialised the
+    scatter's atomics (1.3 ms of an H100 2B step)."""
     per_row = jnp.sum(is_image, axis=1, dtype=jnp.int32)
     earlier_rows = jnp.cumsum(per_row) - per_row
     index = earlier_rows[:, None] + jnp.cumsum(is_image, axis=1, dtype=jnp.int32) - 1
-    index = constrain(jnp.clip(index, 0, rows.shape[0] - 1), BATCH, None)
+    index = constrain(jnp.where(is_image, index, rows.shape[0]), BATCH, None)
     rows = constrain(rows, None, None)  # any row may hold any image: every device keeps all of them
-    out = jnp.where(is_image[..., None], rows[index], jnp.zeros((), rows.dtype))
+    out = rows.at[index].get(mode="fill", fill_value=0)
     return constrain(out, BATCH, None, None)
 
 

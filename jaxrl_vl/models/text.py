@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jaxrl_vl.activation_sharding import BATCH, TENSOR, constrain
 from jaxrl_vl.models import layers
 from jaxrl_vl.models.config import TextConfig
-from jaxrl_vl.models.layers import activation, linear, rms_norm
+from jaxrl_vl.models.layers import gated_activation, linear, rms_norm
 from jaxrl_vl.models.rope import apply_rotary, rotary_cos_sin
 
 # "auto": cuDNN flash attention on GPU for bf16/fp16 (takes the packing mask as a bias, never builds the
@@ -88,7 +88,7 @@ def decoder_layer(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask, c
     x = x + _attention(p["self_attn"], h, cos, sin, mask, cfg, dtype, attention_impl)
     h = rms_norm(p["post_attention_layernorm"], x, cfg.rms_norm_eps)
     mlp = p["mlp"]
-    gated = activation(cfg.hidden_act)(linear(mlp["gate_proj"], h, dtype)) * linear(mlp["up_proj"], h, dtype)
+    gated = gated_activation(cfg.hidden_act)(linear(mlp["gate_proj"], h, dtype), linear(mlp["up_proj"], h, dtype))
     gated = constrain(gated, BATCH, None, TENSOR)
     return constrain(x + linear(mlp["down_proj"], gated, dtype), BATCH, None, None)
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_vl.activation_sharding import BATCH, TENSOR, constrain
-from jaxrl_vl.models.layers import activation, layer_norm, linear, rms_norm
+from jaxrl_vl.models.layers import activation, gated_activation, layer_norm, linear, recomputed_activation, rms_norm
 from jaxrl_vl.models.layers import remat as remat_block
 from jaxrl_vl.models.vision_inputs import vision_arch
 
@@ -125,7 +125,7 @@ def _attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, vinputs: d
 
 
 def _qwen3_block(p: dict, x, cos, sin, vinputs, vision_config, dtype):
-    act = activation(vision_config.hidden_act)
+    act = recomputed_activation(vision_config.hidden_act)
     h = layer_norm(p["norm1"], x, NORM_EPS)
     x = x + constrain(_attention(p["attn"], h, cos, sin, vinputs, None, int(vision_config.num_heads), dtype),
                       BATCH, None, None)
@@ -136,13 +136,14 @@ def _qwen3_block(p: dict, x, cos, sin, vinputs, vision_config, dtype):
 
 
 def _qwen2_5_block(p: dict, x, cos, sin, vinputs, windowed, vision_config, dtype):
-    act = activation(vision_config.hidden_act)
+    gated_act = gated_activation(vision_config.hidden_act)
     h = rms_norm(p["norm1"], x, NORM_EPS)
     x = x + constrain(_attention(p["attn"], h, cos, sin, vinputs, windowed, int(vision_config.num_heads), dtype),
                       BATCH, None, None)
     h = rms_norm(p["norm2"], x, NORM_EPS)
     mlp = p["mlp"]
-    gated = constrain(act(linear(mlp["gate_proj"], h, dtype)) * linear(mlp["up_proj"], h, dtype), BATCH, None, TENSOR)
+    gated = constrain(gated_act(linear(mlp["gate_proj"], h, dtype), linear(mlp["up_proj"], h, dtype)), BATCH, None,
+                      TENSOR)
     return constrain(x + linear(mlp["down_proj"], gated, dtype), BATCH, None, None)
 
 

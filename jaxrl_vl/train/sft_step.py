@@ -19,6 +19,7 @@ import optax
 
 from jaxrl_vl import models
 from jaxrl_vl.activation_sharding import traced_under_mesh
+from jaxrl_vl.losses.fused_nll import chunked_weighted_nll
 from jaxrl_vl.losses.sft import chunked_token_logprobs, cross_entropy_loss, token_logprobs
 from jaxrl_vl.train.state import TrainState, with_trainable
 
@@ -58,6 +59,22 @@ def target_logprobs(params: dict, batch: dict, model_config, *, dtype=jnp.float3
     return logprobs, weights
 
 
+def target_nll_sum(params: dict, batch: dict, model_config, *, divisor, dtype=jnp.float32, remat: str = "none",
+                   loss_chunk_size: int = 0, layer_loop: str = "scan") -> jax.Array:
+    """sum of the next tokens' weighted NLL / divisor, for one (micro-)batch. Chunked with a plain unembedding
+    matrix: the fused loss (its gradient formed in the forward pass, losses/fused_nll.py)."""
+    unembed = models.unembedding(params, model_config)
+    if loss_chunk_size > 0 and not callable(unembed):
+        targets, weights = shifted_targets(batch)
+        hidden = models.apply(params, batch, model_config, dtype=dtype, remat=remat, return_hidden=True,
+                              layer_loop=layer_loop)
+        return chunked_weighted_nll(hidden, unembed, targets, weights / divisor, chunk_size=loss_chunk_size,
+                                    dtype=hidden.dtype)
+    logprobs, weights = target_logprobs(params, batch, model_config, dtype=dtype, remat=remat,
+                                        loss_chunk_size=loss_chunk_size, layer_loop=layer_loop)
+    return cross_entropy_loss(logprobs, weights, reduction="sum") / divisor
+
+
 def make_sft_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
                   dtype=jnp.float32, remat: str = "none", layer_loop: str = "scan", loss_chunk_size: int = 0,
                   lora_overlay: Callable | None = None, donate: bool = True, state_shardings=None,
@@ -79,10 +96,8 @@ def make_sft_step(model_config, optimizer: optax.GradientTransformation, schedul
         return trainable if lora_overlay is None else lora_overlay(state_params, trainable)
 
     def micro_nll_sum(trainable, frozen_params, micro_batch, total_targets):
-        params = full_params(frozen_params, trainable)
-        logprobs, weights = target_logprobs(params, micro_batch, model_config, dtype=dtype, remat=remat,
-                                            loss_chunk_size=loss_chunk_size, layer_loop=layer_loop)
-        return cross_entropy_loss(logprobs, weights, reduction="sum") / total_targets
+        return target_nll_sum(full_params(frozen_params, trainable), micro_batch, model_config, divisor=total_targets,
+                              dtype=dtype, remat=remat, loss_chunk_size=loss_chunk_size, layer_loop=layer_loop)
 
     grad_fn = jax.value_and_grad(micro_nll_sum)
 
