@@ -62,3 +62,16 @@ def test_main_job_runs_sft_then_rl_and_resumes(tiny_model_dir, tmp_path):
     resumed = run_sft_then_rl(config)
     assert resumed["resumed_from_step"] == 1 and resumed["rl_steps"] == 2
     assert resumed["success_before_rl"] == summary["success_before_rl"]  # the same held-out seeds, measured once
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_main_job_with_unstacked_layers(tiny_model_dir, tmp_path):
+    """model.layer_loop = "unrolled" stores params as per-layer lists (the fast GPU layout): SFT checkpoints and
+    exports them, RL pushes them into vLLM and its logprobs still agree with the trainer's."""
+    from jaxrl_vl.train.pipeline import run_sft_then_rl
+
+    config = _tiny_main_job(tiny_model_dir, str(tmp_path / "run"))
+    config.sft.model.layer_loop = config.rl.model.layer_loop = "unrolled"
+    summary = run_sft_then_rl(config)
+    assert summary["rl_steps"] == 1 and summary["sft_steps"] == 2 and summary["max_drift"] <= 1e-4

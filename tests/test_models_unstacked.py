@@ -106,8 +106,9 @@ def test_unstacked_unrolled_equals_stacked_scan(model):
     assert isinstance(grads["model"]["visual"]["blocks"], list)  # gradients come in the params' layout
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["model"]["visual"]["blocks"]))
     _assert_trees_equal(models.stack_layers(grads), scan_grads, atol=1e-5)
-    with pytest.raises(ValueError, match="layer_loop='unrolled'"):
-        models.apply(models.unstack_layers(params), batch, config, layer_loop="scan")
+    # the layout decides: unstacked params run the Python loop whatever layer_loop says
+    np.testing.assert_allclose(np.asarray(models.apply(models.unstack_layers(params), batch, config, layer_loop="scan")),
+                               np.asarray(scan_logits), rtol=0, atol=1e-5)
 
     lora = init_lora(params, LORA, jax.random.key(2))
     lora = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(3), a.shape), lora)  # B != 0
@@ -120,6 +121,45 @@ def test_unstacked_unrolled_equals_stacked_scan(model):
     _assert_trees_equal(models.stack_layers(lora_grads(models.unstack_layers(params), models.unstack_layers(lora),
                                                        "unrolled")),
                         lora_grads(params, lora, "scan"), atol=1e-5)
+
+
+def test_hf_export_lora_merge_and_checkpoint_restore_take_either_layout(model, tmp_path):
+    """What the trainer does with unstacked params at its boundaries gives what the stacked params give: HF
+    tensors (weight push, export), a merged LoRA adapter, a PEFT adapter, and an orbax checkpoint restored
+    without a target (train/export.py)."""
+    import orbax.checkpoint as ocp
+    from safetensors.numpy import load_file
+
+    from jaxrl_vl.models.lora import export_peft, merge
+
+    config, params, _ = model
+    unstacked = models.unstack_layers(params)
+    want = models.to_hf_state_dict(params, config)
+    got = models.to_hf_state_dict(unstacked, config)
+    assert sorted(got) == sorted(want) and any(".layers.2." in name for name in got)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+    lora = init_lora(params, LORA, jax.random.key(2))
+    lora = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(3), a.shape), lora)
+    _assert_trees_equal(models.stack_layers(merge(unstacked, models.unstack_layers(lora), LORA)),
+                        merge(params, lora, LORA))
+    for name, tree in (("stacked", lora), ("unstacked", models.unstack_layers(lora))):
+        export_peft(tree, LORA, config, str(tmp_path / name))
+    peft_stacked = load_file(str(tmp_path / "stacked" / "adapter_model.safetensors"))
+    peft_unstacked = load_file(str(tmp_path / "unstacked" / "adapter_model.safetensors"))
+    assert sorted(peft_unstacked) == sorted(peft_stacked)
+    for name in peft_stacked:
+        np.testing.assert_array_equal(peft_unstacked[name], peft_stacked[name], err_msg=name)
+
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("state",)) as manager:
+        manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": unstacked})))
+        manager.wait_until_finished()
+        restored = manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state["params"]
+    restored_hf = models.to_hf_state_dict(jax.tree.map(np.asarray, restored), config)
+    assert sorted(restored_hf) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(restored_hf[name], want[name], err_msg=name)
 
 
 class _FakeMesh:

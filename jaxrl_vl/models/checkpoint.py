@@ -179,11 +179,12 @@ def _set(tree: dict, parts: list[str], value) -> None:
     tree[parts[-1]] = value
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def _flatten(tree, prefix: str = "") -> dict:
+    """{dotted name: leaf}; a list (unstacked layers, models.layout) names its items by index."""
     out = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict):
+    for key, value in (enumerate(tree) if isinstance(tree, list) else tree.items()):
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, (dict, list)):
             out.update(_flatten(value, name))
         else:
             out[name] = value
@@ -191,7 +192,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def to_hf_state_dict(params: dict, config: ModelConfig, stored_names: bool = True) -> dict[str, np.ndarray]:
-    """Nested params -> {HF name: numpy array}, layers unstacked. LoRA keys (lora_A/lora_B/lora_scale) are
+    """Nested params (layers stacked, or unstacked lists) -> {HF name: numpy array}, one tensor per layer.
+    LoRA keys (lora_A/lora_B/lora_scale) are
     rejected: merge them first (models.lora.merge). stored_names=True gives the names save_pretrained writes
     for this architecture; False gives the transformers-5 module names."""
     state = {}
@@ -201,7 +203,7 @@ def to_hf_state_dict(params: dict, config: ModelConfig, stored_names: bool = Tru
         parts = name.split(".")
         stacked_at = next((i for i, p in enumerate(parts[:-1]) if p in STACKED_LISTS), None)
         array = np.asarray(array)
-        if stacked_at is None:
+        if stacked_at is None or parts[stacked_at + 1].isdigit():  # not in a list, or one layer of a list
             names_arrays = [(name, array)]
         else:
             names_arrays = [(".".join(parts[:stacked_at + 1] + [str(i)] + parts[stacked_at + 1:]), array[i])

@@ -150,10 +150,11 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
-def _lora_modules(lora: dict, prefix: tuple[str, ...] = ()):
-    """Yield (path, {"lora_A", "lora_B"}) for every module of a LoRA tree."""
-    for key, value in lora.items():
-        if "lora_A" in value:
+def _lora_modules(lora, prefix: tuple = ()):
+    """Yield (path, {"lora_A", "lora_B"}) for every module of a LoRA tree. A list of layers (the unstacked
+    layout, models.layout) contributes the layer's index to the path."""
+    for key, value in (enumerate(lora) if isinstance(lora, list) else lora.items()):
+        if isinstance(value, dict) and "lora_A" in value:
             yield prefix + (key,), value
         else:
             yield from _lora_modules(value, prefix + (key,))
@@ -233,6 +234,7 @@ def export_peft(lora: dict, cfg: LoraConfig, model_config, out_dir: str, *,
     base_model.model.model.language_model.layers.3.self_attn.q_proj.lora_A.weight [r, in]."""
     from safetensors.numpy import save_file
 
+    lora = stack_layers(jax.device_get(lora))  # unstacked layers: stacked on the host (the adapter is small)
     tensors: dict[str, np.ndarray] = {}
     short_names: set[str] = set()
     touches_vision = False

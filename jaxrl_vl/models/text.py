@@ -99,8 +99,8 @@ def decoder(params: dict, inputs_embeds: jax.Array, position_ids: jax.Array, seg
             layer_loop: str = "scan") -> jax.Array:
     """Runs all decoder layers and the final norm.
 
-    params: the `model.language_model` subtree (layers stacked, or a list: then layer_loop must be
-    "unrolled"). inputs_embeds [B, L, D];
+    params: the `model.language_model` subtree (layers stacked, or a list: then always the Python loop,
+    whatever layer_loop says). inputs_embeds [B, L, D];
     position_ids int [3, B, L]; segment_ids int [B, L];
     deepstack_embeds: [n, B, L, D] dense per-token additions after layers 0..n-1 (zeros off image tokens).
     attention: one of ATTENTION_IMPLS (see there; "cudnn_causal" only for unpacked rows).
@@ -140,10 +140,7 @@ def decoder(params: dict, inputs_embeds: jax.Array, position_ids: jax.Array, seg
         return constrain(x, BATCH, None, None), None
 
     x = constrain(inputs_embeds.astype(dtype), BATCH, None, None)
-    if isinstance(params["layers"], list):  # unstacked layout (models.layout): no slicing at all
-        if layer_loop != "unrolled":
-            raise ValueError(f"layer_loop={layer_loop!r} needs stacked layers, but params['layers'] is a list "
-                             "(unstacked): pass layer_loop='unrolled', or models.stack_layers(params) to scan")
+    if isinstance(params["layers"], list):  # unstacked layout (models.layout): a Python loop, no slicing at all
         if len(params["layers"]) != cfg.num_hidden_layers:
             raise ValueError(f"params['layers'] has {len(params['layers'])} layers, config "
                              f"num_hidden_layers={cfg.num_hidden_layers}")

@@ -101,6 +101,10 @@ def load_policy(config):
     init_rng, lora_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     if config.model.random_init:
         params = models.init(model_config, init_rng)
+    if config.model.layer_loop == "unrolled":
+        # stored as per-layer lists (models.layout): the unrolled loop then reads each layer's weights
+        # directly instead of slicing a [layers, ...] stack every step (~10% of a 2B GPU step)
+        params = models.unstack_layers(params)
     return model_dir, model_config, params, lora_rng, state_rng
 
 
