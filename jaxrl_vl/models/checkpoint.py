@@ -193,9 +193,9 @@ def _flatten(tree, prefix: str = "") -> dict:
 
 def to_hf_state_dict(params: dict, config: ModelConfig, stored_names: bool = True) -> dict[str, np.ndarray]:
     """Nested params (layers stacked, or unstacked lists) -> {HF name: numpy array}, one tensor per layer.
-    LoRA keys (lora_A/lora_B/lora_scale) are
-    rejected: merge them first (models.lora.merge). stored_names=True gives the names save_pretrained writes
-    for this architecture; False gives the transformers-5 module names."""
+    LoRA keys (lora_A/lora_B/lora_scale) are rejected: merge them first (models.lora.merge).
+    stored_names=True gives the names save_pretrained writes for this architecture; False gives the
+    transformers-5 module names."""
     state = {}
     for name, array in _flatten(params).items():
         if "lora_" in name:
