@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxrl_vl.activation_sharding import BATCH, TENSOR, constrain
+from jaxrl_vl.losses.sft import chunk_logits, to_chunks
 
 
 def chunked_weighted_nll(hidden: jax.Array, unembed: jax.Array, targets: jax.Array, weights: jax.Array, *,
@@ -32,30 +32,14 @@ def chunked_weighted_nll(hidden: jax.Array, unembed: jax.Array, targets: jax.Arr
       fp32 [V, H] gradient accumulator. dtype: matmul input dtype (default hidden's); softmax and
       accumulation are fp32. unroll: chunks per loop iteration (lax.scan's unroll); unrolled, XLA may
       compute several chunks' logits at once, trading memory for fewer loop iterations."""
-    batch, length, _ = hidden.shape
-    for name, value in (("targets", targets), ("weights", weights)):
-        if value.shape != (batch, length):
-            raise ValueError(f"{name} shape {value.shape} must be hidden's [B, L] = {(batch, length)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if callable(unembed):
         raise TypeError("chunked_weighted_nll needs the [V, H] unembedding matrix; with a LoRA overlay on "
                         "lm_head use chunked_token_logprobs + cross_entropy_loss")
     dtype = dtype or hidden.dtype
-    chunk = min(chunk_size, length)
-    num_chunks = -(-length // chunk)
-    pad = num_chunks * chunk - length
-    if pad:  # padded positions get weight 0: no loss, no gradient
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-        weights = jnp.pad(weights, ((0, 0), (0, pad)))
-
-    def chunked(x):  # [B, n*C, ...] -> [n, B, C, ...], each chunk keeping the mesh's batch split
-        x = x.reshape(batch, num_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
-        return constrain(x, None, BATCH, *([None] * (x.ndim - 2)))
-
-    return _fused_nll(chunked(hidden.astype(dtype)), unembed.astype(dtype), chunked(targets.astype(jnp.int32)),
-                      chunked(weights.astype(jnp.float32)), max(1, min(int(unroll), num_chunks)))
+    # padded positions get weight 0: no loss, no gradient
+    h, t, w = to_chunks(chunk_size, hidden.astype(dtype), targets=targets.astype(jnp.int32),
+                        weights=weights.astype(jnp.float32))
+    return _fused_nll(h, unembed.astype(dtype), t, w, max(1, min(int(unroll), h.shape[0])))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -67,7 +51,7 @@ def _fused_nll(h, w, targets, weights, unroll):
 def _fused_nll_fwd(h, w, targets, weights, unroll):
     def one_chunk(d_w, chunk):
         h_c, t_c, w_c = chunk
-        logits = constrain(jnp.einsum("bcd,vd->bcv", h_c, w, preferred_element_type=jnp.float32), BATCH, None, TENSOR)
+        logits = chunk_logits(h_c, w)
         log_normalizer = jax.nn.logsumexp(logits, axis=-1)
         logprobs = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0] - log_normalizer
         one_hot = jnp.arange(logits.shape[-1], dtype=jnp.int32) == t_c[..., None]

@@ -56,21 +56,7 @@ def chunked_token_logprobs(hidden: jax.Array, unembed: jax.Array | Callable, tar
       function `unembed` chooses its own precision.
     """
     batch, length, _ = hidden.shape
-    if targets.shape != (batch, length):
-        raise ValueError(f"targets shape {targets.shape} must be hidden's [B, L] = "
-                         f"{(batch, length)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    chunk = min(chunk_size, length)
-    num_chunks = -(-length // chunk)
-    pad = num_chunks * chunk - length
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    # [B, n*C, ...] -> [n, B, C, ...]: lax.map walks the leading (chunk) axis.
-    # Each chunk keeps the batch split of the mesh (activation_sharding; a no-op without one).
-    hidden_chunks = constrain(hidden.reshape(batch, num_chunks, chunk, -1).swapaxes(0, 1), None, BATCH, None, None)
-    target_chunks = constrain(targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1), None, BATCH, None)
+    hidden_chunks, target_chunks = to_chunks(chunk_size, hidden, targets=targets)
 
     if callable(unembed):
         def logits_of(h):
@@ -92,13 +78,34 @@ def chunked_token_logprobs(hidden: jax.Array, unembed: jax.Array | Callable, tar
             logprobs, entropy = _chunk_logprobs(h.astype(dtype), matrix, t, temperature, return_entropy)
             return (logprobs, entropy) if return_entropy else (logprobs,)
 
-    outputs = jax.lax.map(one_chunk, (hidden_chunks, target_chunks))
+    outputs = jax.lax.map(one_chunk, (hidden_chunks, target_chunks))  # walks the leading (chunk) axis
     # [n, B, C] -> [B, L]
-    outputs = [o.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length] for o in outputs]
+    outputs = [o.swapaxes(0, 1).reshape(batch, -1)[:, :length] for o in outputs]
     return tuple(outputs) if return_entropy else outputs[0]
 
 
-def _chunk_logits(h, w):
+def to_chunks(chunk_size: int, hidden: jax.Array, **per_token: jax.Array) -> list[jax.Array]:
+    """hidden [B, L, H] and per-token arrays [B, L] (named only for the error message) -> the same, zero-padded
+    to whole chunks and reshaped [n, B, C, ...], each chunk keeping the mesh's batch split (activation_sharding;
+    a no-op without one). Padded positions need weight 0 downstream."""
+    batch, length = hidden.shape[:2]
+    for name, value in per_token.items():
+        if value.shape != (batch, length):
+            raise ValueError(f"{name} shape {value.shape} must be hidden's [B, L] = {(batch, length)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk = min(chunk_size, length)
+    num_chunks = -(-length // chunk)
+    out = []
+    for x in (hidden, *per_token.values()):
+        x = jnp.pad(x, [(0, 0), (0, num_chunks * chunk - length)] + [(0, 0)] * (x.ndim - 2))
+        x = x.reshape(batch, num_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
+        out.append(constrain(x, None, BATCH, *([None] * (x.ndim - 2))))
+    return out
+
+
+def chunk_logits(h, w):
+    """One chunk's fp32 logits h [B, C, H] @ w [V, H]^T, batch-split, vocab over "tensor"."""
     return constrain(dot_fp32_out(h, w), BATCH, None, TENSOR)
 
 
@@ -114,7 +121,7 @@ def _chunk_logprobs(h, w, targets, temperature: float, return_entropy: bool):
 
 
 def _chunk_logprobs_fwd(h, w, targets, temperature, return_entropy):
-    logits = _chunk_logits(h, w)
+    logits = chunk_logits(h, w)
     logprobs, entropy, log_normalizer = _logprobs_from_logits(logits, targets, temperature, return_entropy)
     return (logprobs, entropy), (h, w, targets, log_normalizer, entropy)
 
@@ -122,7 +129,7 @@ def _chunk_logprobs_fwd(h, w, targets, temperature, return_entropy):
 def _chunk_logprobs_bwd(temperature, return_entropy, residuals, cotangents):
     h, w, targets, log_normalizer, entropy = residuals
     g_logprobs, g_entropy = cotangents
-    z = _chunk_logits(h, w)
+    z = chunk_logits(h, w)
     if temperature != 1.0:
         z = z / temperature
     probs = jnp.exp(z - log_normalizer[..., None])
