@@ -68,3 +68,14 @@ def test_bad_shapes_and_a_callable_unembedding_are_refused():
     with pytest.raises(TypeError, match="LoRA"):
         chunked_weighted_nll(hidden, lambda h: h @ unembed.T, targets, weights)
 
+
+
+def test_one_pass_logsumexp_matches_the_two_pass_one_on_extreme_logits():
+    """The variadic-reduce logsumexp (running max, rescaled sum) against jax.nn.logsumexp: large magnitudes,
+    ties, one dominant entry, and a row of the lowest float."""
+    from jaxrl_vl.losses.fused_nll import _logsumexp
+    rng = np.random.default_rng(0)
+    rows = np.stack([rng.normal(size=257) * 1e4, np.full(257, 3.0), np.r_[1e3, np.zeros(256)],
+                     np.full(257, np.finfo(np.float32).min / 2), rng.normal(size=257)]).astype(np.float32)
+    got, want = jax.jit(_logsumexp)(jnp.asarray(rows)), jax.nn.logsumexp(jnp.asarray(rows), axis=-1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)

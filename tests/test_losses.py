@@ -38,6 +38,14 @@ def test_cross_entropy_float_and_negative_weights():
         cross_entropy_loss(logprobs, weights, reduction="mean-ish")
 
 
+def test_chunks_are_balanced_so_padding_stays_below_one_position_per_chunk():
+    from jaxrl_vl.losses.sft import to_chunks
+    for length, chunk_size, want in [(3328, 1024, (4, 832)), (4096, 1024, (4, 1024)), (7, 64, (1, 7)),
+                                     (13, 4, (4, 4))]:
+        hidden, targets = to_chunks(chunk_size, jnp.zeros((2, length, 3)), targets=jnp.zeros((2, length)))
+        assert hidden.shape == (*want[:1], 2, want[1], 3) and targets.shape == (want[0], 2, want[1])
+
+
 @pytest.mark.parametrize("chunk_size,length", [(4, 12), (5, 12), (64, 7)])
 def test_chunked_equals_unchunked_with_grads(chunk_size, length):
     rng = np.random.default_rng(0)

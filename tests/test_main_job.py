@@ -67,11 +67,13 @@ def test_main_job_runs_sft_then_rl_and_resumes(tiny_model_dir, tmp_path):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_main_job_with_unstacked_layers(tiny_model_dir, tmp_path):
-    """model.layer_loop = "unrolled" stores params as per-layer lists (the fast GPU layout): SFT checkpoints and
-    exports them, RL pushes them into vLLM and its logprobs still agree with the trainer's."""
+    """The fast GPU settings end to end: model.layer_loop = "unrolled" stores params as per-layer lists (SFT
+    checkpoints and exports them, RL pushes them into vLLM and its logprobs still agree with the trainer's), and
+    SFT's chunked fused loss takes logits at the target positions only."""
     from jaxrl_vl.train.pipeline import run_sft_then_rl
 
     config = _tiny_main_job(tiny_model_dir, str(tmp_path / "run"))
     config.sft.model.layer_loop = config.rl.model.layer_loop = "unrolled"
+    config.sft.train.loss_chunk_size, config.sft.train.target_positions_multiple = 32, 16
     summary = run_sft_then_rl(config)
     assert summary["rl_steps"] == 1 and summary["sft_steps"] == 2 and summary["max_drift"] <= 1e-4

@@ -247,9 +247,57 @@ def test_partition_rules_by_name():
     # lora factors: no tensor split, fsdp on the largest dim
     assert spec("model.language_model.layers.self_attn.q_proj.lora_A", (3, 8, 64))[0] == \
         P(None, None, "fsdp")
+    from jaxrl_vl.sharding import batch_partition_spec
+    assert batch_partition_spec("target_positions", (4, 96), batch_size=4, seq_len=128) == P(("data", "fsdp"))
+    assert batch_partition_spec("input_ids", (4, 128), batch_size=4, seq_len=128) == P(("data", "fsdp"))
     # optimizer-state paths end with the param's name: same rule
     assert spec("0.mu.model.language_model.layers.self_attn.o_proj.weight", (3, 64, 64))[0] == \
         P(None, "fsdp", "tensor")
+
+
+def test_fsdp_alone_splits_the_major_dim_it_divides():
+    """Without tensor parallelism, fsdp takes the first (major) dim it divides, so gathers and reduce-scatters
+    move contiguous rows; LoRA factors keep the largest dim (never the rank)."""
+    from jaxrl_vl.sharding import param_partition_spec
+    spec = lambda name, shape: param_partition_spec(name, shape, _FakeMesh(fsdp=2), min_sharded_size=0)[0]
+    assert spec("model.language_model.layers.mlp.down_proj.weight", (3, 2048, 6144)) == P(None, "fsdp", None)
+    assert spec("model.language_model.layers.0.mlp.down_proj.weight", (2048, 6144)) == P("fsdp", None)
+    assert spec("model.language_model.layers.self_attn.k_proj.weight", (3, 1024, 2048)) == P(None, "fsdp", None)
+    assert spec("model.language_model.layers.self_attn.k_proj.weight", (3, 1023, 2048)) == P(None, None, "fsdp")
+    assert spec("model.language_model.layers.mlp.down_proj.lora_A", (3, 8, 6144)) == P(None, None, "fsdp")
+
+
+GATHERED_ONCE_CHECK = textwrap.dedent(r'''
+    import json, os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax, jax.numpy as jnp, numpy as np
+    from jaxrl_vl import sharding
+    mesh = sharding.make_mesh(fsdp=2)
+    rng = np.random.default_rng(0)
+    params = {"a": {"weight": jnp.asarray(rng.normal(size=(64, 128)), jnp.float32)},
+              "b": {"weight": jnp.asarray(rng.normal(size=(256, 64)), jnp.float32)}}
+    x = jnp.asarray(rng.normal(size=(4, 128)), jnp.float32)
+    loss = lambda p, x: jnp.sum(jnp.tanh(x @ p["a"]["weight"].T @ p["b"]["weight"].T))
+    want = jax.grad(loss)(params, x)
+    placed = sharding.shard_params(params, mesh)
+    x_split = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")))
+    got = jax.jit(jax.grad(lambda p, x: loss(sharding.gathered_once(p, mesh), x)))(placed, x_split)
+    print(json.dumps({
+        "max_diff": max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))),
+        "param_specs": [str(a.sharding.spec) for a in jax.tree.leaves(placed)],
+        "grad_specs": [str(a.sharding.spec) for a in jax.tree.leaves(got)]}))
+''')
+
+
+def test_gathered_once_gives_exact_grads_placed_like_the_params():
+    """sharding.gathered_once (the bf16 copy gathered once per step): the gradient equals the unsharded one and
+    leaves in each param's own sharding (reduce-scattered on GPU), not replicated."""
+    out = subprocess.run([sys.executable, "-c", GATHERED_ONCE_CHECK], capture_output=True, text=True, cwd=REPO,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["max_diff"] < 1e-4, result
+    assert result["grad_specs"] == result["param_specs"] and "fsdp" in result["param_specs"][0], result
 
 
 def test_indivisible_dims_fall_back_to_replication_and_say_so():

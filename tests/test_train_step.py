@@ -16,7 +16,7 @@ from jaxrl_vl.train import flops
 from jaxrl_vl.train.batches import make_stacked_collate, split_host_stats
 from jaxrl_vl.train.evaluation import JaxGreedyGenerator, is_correct, prompt_from_example
 from jaxrl_vl.train.optim import make_optimizer
-from jaxrl_vl.train.sft_step import make_sft_step
+from jaxrl_vl.train.sft_step import make_sft_step, target_positions
 from jaxrl_vl.train.state import create_train_state
 
 OPTIM = ConfigDict(dict(learning_rate=1e-3, schedule="constant", warmup_steps=0, end_learning_rate_fraction=1.0,
@@ -36,6 +36,21 @@ def _collate(config, renderer, accum):
     return make_stacked_collate(config, grad_accum_steps=accum, max_length=128, loss_on="last",
                                 image_mean=renderer.image_mean, image_std=renderer.image_std, packing=False,
                                 pad_id=renderer.pad_token_id)
+
+
+def test_target_positions_list_where_a_target_follows_padded_with_the_last_position():
+    mask = np.zeros((2, 3, 10), np.float32)
+    mask[0, 0, [3, 4, 9]] = 1   # positions 2, 3, 8 predict them
+    mask[1, 2, [1]] = 0.5       # any nonzero weight counts
+    mask[1, 1, 0] = 1           # token 0 is never predicted (nothing precedes it)
+    positions = target_positions(mask, multiple=4)
+    assert positions.shape == (2, 3, 4) and positions.dtype == np.int32
+    assert positions[0, 0].tolist() == [2, 3, 8, 9]
+    assert positions[1, 2].tolist() == [0, 9, 9, 9]
+    assert positions[1, 1].tolist() == [9, 9, 9, 9]
+    assert target_positions(np.ones((1, 10)), multiple=4).shape == (1, 10)  # capped at L
+    with pytest.raises(ValueError, match="multiple"):
+        target_positions(mask, multiple=0)
 
 
 def test_grad_accumulation_equals_one_big_batch(setup):
@@ -79,6 +94,40 @@ def test_chunked_fused_loss_gives_the_full_logits_update(setup):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+@pytest.mark.parametrize("lm_head_lora", [False, True])
+def test_logits_at_target_positions_only_give_the_same_update(setup, lm_head_lora):
+    """target_positions (the chunked loss computes logits only where a target follows): the same loss and the
+    same update as logits everywhere, for the fused loss and for the logprobs path a LoRA'd lm_head takes."""
+    from jaxrl_vl.models import lora as lora_lib
+    config, params, renderer, _, examples = setup
+    if lm_head_lora and config.tie_word_embeddings:
+        pytest.skip("tied embeddings: no separate lm_head to adapt")
+    optimizer, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
+    lora_cfg = lora_lib.LoraConfig(rank=4, alpha=8.0, targets=("unembed",)) if lm_head_lora else None
+    results = []
+    for multiple in (0, 8):
+        collate = make_stacked_collate(config, grad_accum_steps=2, max_length=128, loss_on="last",
+                                       image_mean=renderer.image_mean, image_std=renderer.image_std, packing=False,
+                                       pad_id=renderer.pad_token_id, target_positions_multiple=multiple)
+        batch, _ = split_host_stats(collate([[e] for e in examples]))
+        if multiple:  # loss_on="last": a handful of targets per row, far fewer positions than tokens
+            assert batch["target_positions"].shape[:2] == (2, 2)
+            assert batch["target_positions"].shape[2] % multiple == 0
+            assert batch["target_positions"].shape[2] < batch["input_ids"].shape[2]
+        overlay = None if lora_cfg is None else (lambda p, l: lora_lib.overlay(p, l, lora_cfg))
+        lora = None if lora_cfg is None else lora_lib.init_lora(params, lora_cfg, jax.random.PRNGKey(1))
+        if lora is not None:  # B starts at 0; a nonzero B makes the adapter part of the logits
+            lora = jax.tree.map(lambda a: a + 0.01, lora)
+        step = make_sft_step(config, optimizer, schedule, loss_chunk_size=16, donate=False, lora_overlay=overlay)
+        results.append(step(create_train_state(params, optimizer, jax.random.PRNGKey(0), lora=lora), batch))
+    (full, m_full), (picked, m_picked) = results
+    assert float(m_picked["target_tokens"]) == float(m_full["target_tokens"]) > 0
+    np.testing.assert_allclose(float(m_picked["loss"]), float(m_full["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m_picked["grad_norm"]), float(m_full["grad_norm"]), rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(picked.trainable), jax.tree.leaves(full.trainable)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
 def test_repeated_steps_reduce_the_loss_and_lora_trains_only_the_adapter(setup):
     from jaxrl_vl.models import lora as lora_lib
     config, params, renderer, _, examples = setup
@@ -113,6 +162,9 @@ def test_text_flops_match_the_weight_shapes(setup):
     assert flops.text_forward_flops_per_token(config.text, seq_len) == want
     assert flops.train_flops(config, num_tokens=10, seq_len=seq_len) == 3 * 10 * want
     assert flops.train_flops(config, num_tokens=10, seq_len=seq_len, num_patches=16, num_images=1) > 3 * 10 * want
+    # logits at 4 of the 10 tokens only (target_positions): 6 tokens' lm_head less
+    assert flops.train_flops(config, num_tokens=10, seq_len=seq_len, logit_tokens=4) == \
+        3 * (10 * want - 6 * 2 * int(np.prod(head.shape)))
     assert flops.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
     assert flops.peak_flops_per_device("cpu", override=5.0) == 5.0
     assert flops.mfu(1e12, 1.0, 2, 1e12) == 0.5

@@ -97,7 +97,8 @@ def build_rows(config, like: str, batch_size: int, seq_len: int, images_per_row:
 
 FLOPS_FORMULA = (
     "step FLOPs = (1 + b) * forward, b = 2 (full fine-tune) or 1 (LoRA: no weight gradients); "
-    "forward = tokens * N*[2H(nh*d) + 4H(nkv*d) + 2(nh*d)H + 6HI + 4(nh*d)S] + tokens * 2HV "
+    "forward = tokens * N*[2H(nh*d) + 4H(nkv*d) + 2(nh*d)H + 6HI + 4(nh*d)S] + logit_tokens * 2HV "
+    "(logit_tokens: every token, or with --target-positions-multiple only those a target follows) "
     "+ patches * {2*patch_dim*Hv + Nv*[6Hv^2 + 2Hv^2 + mlp_v + 4Hv*P_img] "
     "+ (1+n_deepstack)/m^2 * [2(Hv m^2)^2 + 2(Hv m^2)H]}, mlp_v = 4*Hv*Iv (Qwen3-VL) or 6*Hv*Iv "
     "(Qwen2.5-VL); S = row length (full, not causally halved, as PaLM's 12*N*H*S), "
@@ -106,15 +107,18 @@ FLOPS_FORMULA = (
 
 
 def step_flops(config, *, batch_size: int, seq_len: int, images_per_row: int, image_size: int,
-               lora: bool) -> dict:
-    """{"total", "text", "vision"} FLOPs of one training step (see FLOPS_FORMULA)."""
+               lora: bool, logit_tokens: int | None = None) -> dict:
+    """{"total", "text", "vision"} FLOPs of one training step (see FLOPS_FORMULA); logit_tokens: the tokens
+    the lm_head runs on (None: all)."""
     from jaxrl_vl.train.flops import text_forward_flops_per_token, vision_forward_flops_per_patch
 
     factor = 1.0 + (1.0 if lora else 2.0)
     tokens = batch_size * seq_len
+    logit_tokens = tokens if logit_tokens is None else logit_tokens
     patches_per_image = (image_size // config.vision.patch_size) ** 2
     patches = batch_size * images_per_row * patches_per_image
-    text = factor * tokens * text_forward_flops_per_token(config.text, seq_len)
+    text = factor * (tokens * text_forward_flops_per_token(config.text, seq_len, unembedding=False)
+                     + logit_tokens * 2 * config.text.hidden_size * config.text.vocab_size)
     vision = factor * patches * vision_forward_flops_per_patch(config.vision, config.text.hidden_size,
                                                                patches_per_image)
     return {"total": text + vision, "text": text, "vision": vision}

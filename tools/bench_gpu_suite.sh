@@ -41,6 +41,9 @@ for name in ${RUNS:-2b_1gpu 2b_fsdp2 8b_lora}; do
     # against the default fused loss (gradient formed in the forward pass) of 2b_1gpu_bf16_remat_none
     2b_1gpu_bf16_remat_none_logprobs) CUDA_VISIBLE_DEVICES=0 run $name ${T:-330} $TWO_B --batch-size 2 --remat none \
       --layer-loop unrolled --param-dtype bfloat16 --loss logprobs --skip-torch ;;
+    # A/B of target positions: logits at every position (as the PyTorch reference) instead of only where a target follows
+    2b_1gpu_bf16_remat_none_all_logits) CUDA_VISIBLE_DEVICES=0 run $name ${T:-330} $TWO_B --batch-size 2 --remat none \
+      --layer-loop unrolled --param-dtype bfloat16 --target-positions-multiple 0 --skip-torch ;;
     2b_1gpu_bf16_remat_none_chunk2048) CUDA_VISIBLE_DEVICES=0 run $name ${T:-330} $TWO_B --batch-size 2 --remat none \
       --layer-loop unrolled --param-dtype bfloat16 --loss-chunk 2048 --skip-torch ;;
     2b_1gpu_bf16_remat_none_no_triton_gemm) CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
@@ -74,6 +77,13 @@ for name in ${RUNS:-2b_1gpu 2b_fsdp2 8b_lora}; do
     2b_1gpu_bf16_b4) CUDA_VISIBLE_DEVICES=0 run $name ${T:-290} $TWO_B --batch-size 4 --remat dots_attn \
       --layer-loop unrolled --param-dtype bfloat16 --skip-torch ;;
     2b_fsdp2_bf16_gather_step_b8) XLA_FLAGS=$LHS run $name ${T:-290} $TWO_B --batch-size 8 --remat dots_attn \
+      --layer-loop unrolled --mesh 2 --skip-torch --param-dtype bfloat16 --fsdp-gather step ;;
+    # the same weak scaling without rematerialisation (the fastest one-GPU setting since session 7)
+    2b_1gpu_bf16_remat_none_b4) CUDA_VISIBLE_DEVICES=0 run $name ${T:-290} $TWO_B --batch-size 4 --remat none \
+      --layer-loop unrolled --param-dtype bfloat16 --skip-torch ;;
+    2b_fsdp2_bf16_remat_none_gather_step_b8) XLA_FLAGS=$LHS run $name ${T:-290} $TWO_B --batch-size 8 --remat none \
+      --layer-loop unrolled --mesh 2 --skip-torch --param-dtype bfloat16 --fsdp-gather step ;;
+    2b_fsdp2_bf16_remat_none_gather_step) XLA_FLAGS=$LHS run $name ${T:-290} $TWO_B --batch-size 4 --remat none \
       --layer-loop unrolled --mesh 2 --skip-torch --param-dtype bfloat16 --fsdp-gather step ;;
     # under lax.scan, with XLA's collective pipelining across loop iterations instead
     2b_fsdp2_scan) XLA_FLAGS=$PIPE run $name ${T:-120} $TWO_B --batch-size 4 --remat dots_attn --mesh 2 --skip-torch ;;

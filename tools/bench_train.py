@@ -61,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the SFT step uses); logprobs: per-token logprobs first, their gradient in the backward "
                         "(what RL losses need)")
     p.add_argument("--loss-unroll", type=int, default=1, help="fused loss: chunks per loop iteration")
+    p.add_argument("--target-positions-multiple", type=int, default=256,
+                   help="logits only at the positions a target follows (the trainer's "
+                        "train.target_positions_multiple; not image or padding positions), their count rounded up "
+                        "to this multiple; 0: at every position, as the PyTorch reference computes them")
     p.add_argument("--no-cast-params", action="store_true",
                    help="keep fp32 weights until each matmul (default: cast the trained tree to bf16 once "
                         "per step, so FSDP gathers bf16 and the scan reads bf16)")
@@ -159,7 +163,7 @@ def make_step(config, optimizer, args, lora_cfg, out_shardings=None, mesh=None):
     from jaxrl_vl.losses.fused_nll import chunked_weighted_nll
     from jaxrl_vl.losses.sft import chunked_token_logprobs
     from jaxrl_vl.models.lora import overlay
-    from jaxrl_vl.train.sft_step import shifted_targets
+    from jaxrl_vl.train.sft_step import at_target_positions, shifted_targets
 
     def to_compute(tree):
         return jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.ndim >= 2 and a.dtype == jnp.float32 else a,
@@ -169,12 +173,13 @@ def make_step(config, optimizer, args, lora_cfg, out_shardings=None, mesh=None):
         if not args.no_cast_params:
             trainable = to_compute(trainable)
         if args.fsdp_gather == "step" and mesh is not None:
-            trainable = jax.lax.with_sharding_constraint(trainable, sharding.replicated(mesh))
+            trainable = sharding.gathered_once(trainable, mesh)
         params = trainable if lora_cfg is None else overlay(frozen, trainable, lora_cfg)
         hidden = models.apply(params, batch, config, dtype=jnp.bfloat16, remat=args.remat, return_hidden=True,
                               attention=args.attention, layer_loop=args.layer_loop)
         targets, weights = shifted_targets(batch)
         weights = weights / jnp.maximum(jnp.sum(weights), 1.0)
+        hidden, targets, weights = at_target_positions(batch, hidden, targets, weights)
         unembed = models.unembedding(params, config)
         if args.loss == "fused" and not callable(unembed):
             return chunked_weighted_nll(hidden, unembed, targets, weights, chunk_size=args.loss_chunk,
@@ -224,6 +229,7 @@ def run_jax(args, config, rows) -> dict:
     import optax
     from jaxrl_vl import models, sharding
     from jaxrl_vl.models.lora import LoraConfig, init_lora
+    from jaxrl_vl.train.sft_step import target_positions
 
     devices = jax.devices()[:args.mesh]
     if len(devices) < args.mesh:
@@ -251,6 +257,8 @@ def run_jax(args, config, rows) -> dict:
                              else jax.device_put(a, sharding.replicated(mesh)), opt_state)
     batch = models.make_batch(rows, config, pad_to_length=args.seq_len)
     batch = {k: v for k, v in batch.items() if k != "image_grid_thw"}  # host-side only
+    if args.target_positions_multiple > 0:
+        batch["target_positions"] = target_positions(batch["loss_mask"], args.target_positions_multiple)
     # The vision tower runs on [slots, slot_len] (same-size frames: one per slot; models.vision_inputs), split over
     # the FSDP devices when they divide the slot count.
     vision_slots = list(np.shape(batch["vision_slot_patches"])) if "vision_slot_patches" in batch else None
@@ -323,9 +331,12 @@ def main(argv=None) -> dict:
     config = ModelConfig.from_hf_dict(hf_dict)
     rows = bench_common.build_rows(config, args.like, args.batch_size, args.seq_len, args.images_per_row,
                                    args.image_size, args.seed)
+    # the lm_head runs on every token, or with target positions on those a target follows (shifted_targets)
+    logit_tokens = (sum(int(np.count_nonzero(r["loss_mask"][1:])) for r in rows)
+                    if args.target_positions_multiple > 0 else None)
     flops = bench_common.step_flops(config, batch_size=args.batch_size, seq_len=args.seq_len,
                                     images_per_row=args.images_per_row, image_size=args.image_size,
-                                    lora=args.lora)
+                                    lora=args.lora, logit_tokens=logit_tokens)
     torch_result = None
     if not args.skip_torch:
         torch_result = run_torch_reference(args)
@@ -351,6 +362,7 @@ def main(argv=None) -> dict:
         "like": args.like, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "images_per_row": args.images_per_row, "image_size": args.image_size, "lora": args.lora,
         "remat": args.remat, "layer_loop": args.layer_loop, "loss": args.loss,
+        "target_positions_multiple": args.target_positions_multiple, "logit_tokens": logit_tokens or tokens,
         "params_layout": jax_result["params_layout"], "attention": args.attention,
         "cast_params_bf16": not args.no_cast_params,
         "param_dtype": args.param_dtype, "fsdp_gather": args.fsdp_gather,

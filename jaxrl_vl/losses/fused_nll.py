@@ -42,6 +42,19 @@ def chunked_weighted_nll(hidden: jax.Array, unembed: jax.Array, targets: jax.Arr
     return _fused_nll(h, unembed.astype(dtype), t, w, max(1, min(int(unroll), h.shape[0])))
 
 
+def _logsumexp(z: jax.Array) -> jax.Array:
+    """logsumexp over the last axis in one read of z (fp32 [B, C, V], the largest array of the step): a variadic
+    reduce carrying (running max m, sum of exp(z - m)) instead of a max pass and then a sum pass."""
+    def combine(a, b):
+        m = jnp.maximum(a[0], b[0])
+        return m, a[1] * jnp.exp(a[0] - m) + b[1] * jnp.exp(b[0] - m)
+
+    # a finite lowest start: combining two untouched accumulators gives exp(0) * 0, never exp(-inf + inf)
+    lowest = jnp.array(jnp.finfo(z.dtype).min, z.dtype)
+    m, total = jax.lax.reduce((z, jnp.ones_like(z)), (lowest, jnp.zeros((), z.dtype)), combine, (z.ndim - 1,))
+    return m + jnp.log(total)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _fused_nll(h, w, targets, weights, unroll):
     """h [n, B, C, H], w [V, H], targets [n, B, C], weights [n, B, C] -> fp32 scalar."""
@@ -52,7 +65,7 @@ def _fused_nll_fwd(h, w, targets, weights, unroll):
     def one_chunk(d_w, chunk):
         h_c, t_c, w_c = chunk
         logits = chunk_logits(h_c, w)
-        log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+        log_normalizer = _logsumexp(logits)
         logprobs = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0] - log_normalizer
         one_hot = jnp.arange(logits.shape[-1], dtype=jnp.int32) == t_c[..., None]
         # d(-w * logp)/dz = w * (p - one_hot), in the matmul dtype for the two gradient matmuls

@@ -87,15 +87,17 @@ def chunked_token_logprobs(hidden: jax.Array, unembed: jax.Array | Callable, tar
 def to_chunks(chunk_size: int, hidden: jax.Array, **per_token: jax.Array) -> list[jax.Array]:
     """hidden [B, L, H] and per-token arrays [B, L] (named only for the error message) -> the same, zero-padded
     to whole chunks and reshaped [n, B, C, ...], each chunk keeping the mesh's batch split (activation_sharding;
-    a no-op without one). Padded positions need weight 0 downstream."""
+    a no-op without one). n = ceil(L / chunk_size) chunks of equal length C = ceil(L / n) <= chunk_size, so
+    padding stays under n positions (L = 3328 at chunk_size 1024: 4 x 832, not 4 x 1024). Padded positions
+    need weight 0 downstream."""
     batch, length = hidden.shape[:2]
     for name, value in per_token.items():
         if value.shape != (batch, length):
             raise ValueError(f"{name} shape {value.shape} must be hidden's [B, L] = {(batch, length)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    chunk = min(chunk_size, length)
-    num_chunks = -(-length // chunk)
+    num_chunks = -(-length // chunk_size)
+    chunk = -(-length // num_chunks)
     out = []
     for x in (hidden, *per_token.values()):
         x = jnp.pad(x, [(0, 0), (0, num_chunks * chunk - length)] + [(0, 0)] * (x.ndim - 2))

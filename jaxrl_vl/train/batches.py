@@ -4,7 +4,8 @@ A pipeline batch is `batch_size` rows (lists of examples; one per row unless pac
 gradient accumulation the rows are split into A = grad_accum_steps micro-batches that share one
 padded length and one patch count, so they stack on a leading axis the step scans over:
   input_ids/segment_ids/loss_mask [A, B/A, L], position_ids [A, 3, B/A, L],
-  pixel_values [A, P, D], vision_* [A, ...] (one shared vision slot layout)
+  pixel_values [A, P, D], vision_* [A, ...] (one shared vision slot layout),
+  target_positions [A, B/A, T] when asked for (the positions the loss needs logits at, sft_step.target_positions)
 plus host-only statistics `host_num_patches` / `host_num_images` (ints, for FLOPs) that the loop
 removes before the batch goes to the device.
 """
@@ -15,6 +16,7 @@ import numpy as np
 from jaxrl_vl.data import batching
 from jaxrl_vl.models.inputs import make_batch
 from jaxrl_vl.models.vision_inputs import slot_shape
+from jaxrl_vl.train.sft_step import target_positions
 
 HOST_STAT_KEYS = ("host_num_patches", "host_num_images")
 _NOT_STACKED = ("image_grid_thw", "num_examples")
@@ -39,9 +41,11 @@ def _grid(group: list) -> np.ndarray:
 
 def make_stacked_collate(model_config, *, grad_accum_steps: int, max_length: int, loss_on: str,
                          image_mean, image_std, packing: bool, pad_id: int | None = None,
-                         min_bucket_length: int = 64, min_patches: int = 64, num_slots_multiple: int = 1):
+                         min_bucket_length: int = 64, min_patches: int = 64, num_slots_multiple: int = 1,
+                         target_positions_multiple: int = 0):
     """-> collate(rows: list of batch_size lists of RenderedExample) -> dict of stacked arrays.
-    num_slots_multiple: the devices that split the vision slot axis (data*fsdp; see slot_shape)."""
+    num_slots_multiple: the devices that split the vision slot axis (data*fsdp; see slot_shape).
+    target_positions_multiple: > 0 adds `target_positions`, their count rounded up to this multiple."""
     buckets = batching.length_buckets(max_length, min_bucket_length)
 
     def collate(rows: list[list]) -> dict:
@@ -62,6 +66,8 @@ def make_stacked_collate(model_config, *, grad_accum_steps: int, max_length: int
                                     pad_id=pad_id, vision_slots=slots) for group in row_dicts]
         stacked = {key: np.stack([b[key] for b in micro_batches]) for key in micro_batches[0]
                    if key not in _NOT_STACKED}
+        if target_positions_multiple > 0:
+            stacked["target_positions"] = target_positions(stacked["loss_mask"], target_positions_multiple)
         stacked["host_num_patches"] = int(sum(patches))
         stacked["host_num_images"] = int(sum(len(e.image_grid_thw) for examples in rows for e in examples))
         return stacked

@@ -10,7 +10,8 @@ V = vocab, S = padded row length, layers = N):
           + 3 * 2*H*I                                  gated MLP (gate, up, down)
           + 2*2*nh*d*S ]                               scores QK^T and AV (no causal halving,
                                                        as in PaLM's 12*N*H*S term)
-    + 2*H*V                                            unembedding (lm_head)
+    + 2*H*V                                            unembedding (lm_head), per token that gets logits:
+                                                       all, or only those a target follows (target_positions)
 Forward FLOPs per vision patch (Hv, Iv, depth Nv, P_img patches in the patch's image, m = merge):
     2*patch_dim*Hv                                     patch embedding
     + Nv * [ 2*Hv*3Hv + 2*Hv*Hv + mlp + 2*2*Hv*P_img ]  qkv, proj, MLP, attention
@@ -30,13 +31,14 @@ PEAK_FLOPS_PER_DEVICE = {
 CPU_PEAK_FLOPS_PER_DEVICE = 1e11  # ~2 AVX2 cores at fp32; only for a rough CPU MFU
 
 
-def text_forward_flops_per_token(text, seq_len: int) -> float:
+def text_forward_flops_per_token(text, seq_len: int, unembedding: bool = True) -> float:
+    """Decoder FLOPs of one token, with the lm_head's 2*H*V unless `unembedding` is off."""
     h, i, n = text.hidden_size, text.intermediate_size, text.num_hidden_layers
     q_width = text.num_attention_heads * text.head_dim
     kv_width = text.num_key_value_heads * text.head_dim
     per_layer = (2 * h * q_width + 2 * 2 * h * kv_width + 2 * q_width * h
                  + 3 * 2 * h * i + 2 * 2 * q_width * seq_len)
-    return float(n * per_layer + 2 * h * text.vocab_size)
+    return float(n * per_layer + (2 * h * text.vocab_size if unembedding else 0))
 
 
 def vision_forward_flops_per_patch(vision, text_hidden: int, patches_per_image: float) -> float:
@@ -51,10 +53,14 @@ def vision_forward_flops_per_patch(vision, text_hidden: int, patches_per_image: 
 
 
 def train_flops(model_config, *, num_tokens: int, seq_len: int, num_patches: int = 0,
-                num_images: int = 0, backward_factor: float = 2.0) -> float:
+                num_images: int = 0, backward_factor: float = 2.0, logit_tokens: int | None = None) -> float:
     """FLOPs of one training pass over `num_tokens` text tokens (rows padded to `seq_len`) and
-    `num_patches` real vision patches in `num_images` images."""
-    forward = num_tokens * text_forward_flops_per_token(model_config.text, seq_len)
+    `num_patches` real vision patches in `num_images` images. logit_tokens: the tokens the lm_head runs on
+    (None: all; with target_positions, the targets)."""
+    text = model_config.text
+    logit_tokens = num_tokens if logit_tokens is None else logit_tokens
+    forward = (num_tokens * text_forward_flops_per_token(text, seq_len, unembedding=False)
+               + logit_tokens * 2 * text.hidden_size * text.vocab_size)
     if num_patches:
         per_image = num_patches / max(num_images, 1)
         forward += num_patches * vision_forward_flops_per_patch(

@@ -179,7 +179,9 @@ def run_sft(config) -> dict:
                         process_index=jax.process_index(), process_count=jax.process_count())
     collate = make_stacked_collate(model_config, grad_accum_steps=train_cfg.grad_accum_steps,
                                    packing=config.data.packing, **data.collate_kwargs,
-                                   num_slots_multiple=mesh.shape["data"] * mesh.shape["fsdp"])
+                                   num_slots_multiple=mesh.shape["data"] * mesh.shape["fsdp"],
+                                   target_positions_multiple=(train_cfg.target_positions_multiple
+                                                              if train_cfg.loss_chunk_size > 0 else 0))
     iterator = iter(make_dataset(data.train, spec, collate))
 
     store = CheckpointStore(setup.checkpoint_dir(config, run_dir), every_steps=config.checkpoint.every_steps,
@@ -256,7 +258,8 @@ def _train_steps(config, state, start_step, *, step_fn, iterator, mesh, store, w
         step_flops = flops.train_flops(model_config, num_tokens=int(metrics["tokens"]),
                                        seq_len=int(batch["input_ids"].shape[-1]),
                                        num_patches=host["host_num_patches"], num_images=host["host_num_images"],
-                                       backward_factor=backward_factor)
+                                       backward_factor=backward_factor, logit_tokens=(
+                                           int(metrics["target_tokens"]) if "target_positions" in batch else None))
         last_train = {f"train/{k}": v for k, v in metrics.items()}
         last_train.update({"train/step_seconds": seconds, "train/tokens_per_second": metrics["tokens"] / seconds,
                            "train/mfu": flops.mfu(step_flops, seconds, jax.device_count(), peak_flops)})

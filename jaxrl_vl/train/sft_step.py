@@ -7,6 +7,7 @@ update as one batch A times larger (up to float summation order).
 Batch layout (a dict of arrays with a leading micro-batch axis A, built by train/batches.py):
   input_ids int32 [A, B, L], segment_ids int32 [A, B, L], position_ids int32 [A, 3, B, L],
   loss_mask float32 [A, B, L] (1 where token t is a target, predicted from tokens < t),
+  optionally target_positions int32 [A, B, T] (where the chunked loss computes logits; see at_target_positions),
   and when images are present pixel_values float32 [A, P, D] + the vision_* arrays [A, P, ...].
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxrl_vl import models
@@ -59,20 +61,55 @@ def target_logprobs(params: dict, batch: dict, model_config, *, dtype=jnp.float3
     return logprobs, weights
 
 
+def target_positions(loss_mask: np.ndarray, multiple: int) -> np.ndarray:
+    """loss_mask [..., L] -> int32 [..., P]: per row, the positions t whose next token is a target
+    (loss_mask[t + 1] != 0), where the loss needs logits; the others skip the [H, V] unembedding matmuls.
+    P is the largest count over all rows rounded up to a multiple of `multiple` (few shapes, few recompiles),
+    at most L. Rows with fewer targets are padded with L - 1, the last position, which predicts nothing
+    (weight 0 in the loss), so padding adds neither loss nor gradient."""
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    length = loss_mask.shape[-1]
+    rows = (np.asarray(loss_mask)[..., 1:] != 0).reshape(-1, length - 1)
+    counts = rows.sum(axis=1)
+    size = min(length, max(multiple, -(-int(counts.max(initial=0)) // multiple) * multiple))
+    out = np.full((rows.shape[0], size), length - 1, np.int32)
+    for row, mask in enumerate(rows):
+        positions = np.flatnonzero(mask)
+        out[row, :len(positions)] = positions
+    return out.reshape(*loss_mask.shape[:-1], size)
+
+
+def at_target_positions(batch: dict, hidden: jax.Array, targets: jax.Array, weights: jax.Array):
+    """hidden [B, L, H], targets / weights [B, L] -> the same at batch["target_positions"] [B, T] only (the
+    positions whose next token is a target, `target_positions`), when the batch has them: the
+    unembedding matmuls and the softmax then skip prompts, images and padding."""
+    if "target_positions" not in batch:
+        return hidden, targets, weights
+    positions = batch["target_positions"]
+    return (jnp.take_along_axis(hidden, positions[..., None], axis=1),
+            jnp.take_along_axis(targets, positions, axis=1), jnp.take_along_axis(weights, positions, axis=1))
+
+
 def target_nll_sum(params: dict, batch: dict, model_config, *, divisor, dtype=jnp.float32, remat: str = "none",
                    loss_chunk_size: int = 0, layer_loop: str = "scan") -> jax.Array:
     """sum of the next tokens' weighted NLL / divisor, for one (micro-)batch. Chunked with a plain unembedding
-    matrix: the fused loss (its gradient formed in the forward pass, losses/fused_nll.py)."""
+    matrix: the fused loss (its gradient formed in the forward pass, losses/fused_nll.py); chunked, logits
+    only at the batch's `target_positions` when it has them."""
+    if loss_chunk_size <= 0:
+        logprobs, weights = target_logprobs(params, batch, model_config, dtype=dtype, remat=remat,
+                                            layer_loop=layer_loop)
+        return cross_entropy_loss(logprobs, weights, reduction="sum") / divisor
+    targets, weights = shifted_targets(batch)
+    hidden = models.apply(params, batch, model_config, dtype=dtype, remat=remat, return_hidden=True,
+                          layer_loop=layer_loop)
+    hidden, targets, weights = at_target_positions(batch, hidden, targets, weights)
     unembed = models.unembedding(params, model_config)
-    if loss_chunk_size > 0 and not callable(unembed):
-        targets, weights = shifted_targets(batch)
-        hidden = models.apply(params, batch, model_config, dtype=dtype, remat=remat, return_hidden=True,
-                              layer_loop=layer_loop)
-        return chunked_weighted_nll(hidden, unembed, targets, weights / divisor, chunk_size=loss_chunk_size,
-                                    dtype=hidden.dtype)
-    logprobs, weights = target_logprobs(params, batch, model_config, dtype=dtype, remat=remat,
-                                        loss_chunk_size=loss_chunk_size, layer_loop=layer_loop)
-    return cross_entropy_loss(logprobs, weights, reduction="sum") / divisor
+    if callable(unembed):  # LoRA on lm_head: logprobs first, their gradient in the backward
+        logprobs = chunked_token_logprobs(hidden, unembed, targets, chunk_size=loss_chunk_size, dtype=hidden.dtype)
+        return cross_entropy_loss(logprobs, weights, reduction="sum") / divisor
+    return chunked_weighted_nll(hidden, unembed, targets, weights / divisor, chunk_size=loss_chunk_size,
+                                dtype=hidden.dtype)
 
 
 def make_sft_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
