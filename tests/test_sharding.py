@@ -300,6 +300,50 @@ def test_gathered_once_gives_exact_grads_placed_like_the_params():
     assert result["grad_specs"] == result["param_specs"] and "fsdp" in result["param_specs"][0], result
 
 
+SFT_STEP_GATHER_ONCE_CHECK = textwrap.dedent(r'''
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jaxrl_vl import models, sharding
+    from jaxrl_vl.train.sft_step import make_sft_step
+    from jaxrl_vl.train.state import create_train_state, state_shardings
+    config, params = models.load(sys.argv[1])
+    params = jax.tree.map(jnp.asarray, params)
+    rng = np.random.default_rng(0)
+    rows = [{"input_ids": rng.integers(10, 200, size=n).astype(np.int32),
+             "loss_mask": (np.arange(n) >= n // 2).astype(np.float32)} for n in (40, 64)]
+    batch = {k: v[None] for k, v in models.make_batch(rows, config, pad_to_length=64).items() if k != "image_grid_thw"}
+    optimizer, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
+    single, m1 = make_sft_step(config, optimizer, schedule, donate=False)(
+        create_train_state(params, optimizer, jax.random.PRNGKey(0)), batch)
+    mesh = sharding.make_mesh(fsdp=2)
+    state = create_train_state(sharding.shard_params(params, mesh), optimizer, jax.random.PRNGKey(0), mesh=mesh)
+    stacked = {k: jax.device_put(v, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+        None, *sharding.batch_partition_spec(k, v.shape[1:], 2, 64)))) for k, v in batch.items()}
+    step = make_sft_step(config, optimizer, schedule, donate=False, mesh=mesh, fsdp_gather="step",
+                         state_shardings=state_shardings(state), metrics_sharding=sharding.replicated(mesh))
+    split, m2 = step(state, stacked)
+    print(json.dumps({
+        "loss": [float(m1["loss"]), float(m2["loss"])],
+        "max_param_diff": max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(single.params),
+                                                                         jax.tree.leaves(split.params))),
+        "same_placement": all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(split.params),
+                                                                       jax.tree.leaves(state.params)))}))
+''')
+
+
+@pytest.mark.slow
+def test_sft_step_with_weights_gathered_once_per_step_equals_one_device(tiny_model_dir):
+    """mesh.fsdp_gather = "step" (fp32 weights cast to the compute dtype, gathered once, gradient reduce-scattered):
+    on 2 devices the same loss and update as one device, and the params keep their FSDP placement."""
+    out = subprocess.run([sys.executable, "-c", SFT_STEP_GATHER_ONCE_CHECK, str(tiny_model_dir)], capture_output=True,
+                         text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert abs(result["loss"][0] - result["loss"][1]) < 1e-5, result
+    assert result["max_param_diff"] < 1e-5 and result["same_placement"], result
+
+
 def test_indivisible_dims_fall_back_to_replication_and_say_so():
     from jaxrl_vl.sharding import param_partition_spec
     spec, notes = param_partition_spec("model.language_model.embed_tokens.weight", (1001, 6),

@@ -163,15 +163,11 @@ def make_step(config, optimizer, args, lora_cfg, out_shardings=None, mesh=None):
     from jaxrl_vl.losses.fused_nll import chunked_weighted_nll
     from jaxrl_vl.losses.sft import chunked_token_logprobs
     from jaxrl_vl.models.lora import overlay
-    from jaxrl_vl.train.sft_step import at_target_positions, shifted_targets
-
-    def to_compute(tree):
-        return jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.ndim >= 2 and a.dtype == jnp.float32 else a,
-                            tree)
+    from jaxrl_vl.train.sft_step import at_target_positions, compute_copy, shifted_targets
 
     def loss_fn(trainable, frozen, batch):
         if not args.no_cast_params:
-            trainable = to_compute(trainable)
+            trainable = compute_copy(trainable, jnp.bfloat16)
         if args.fsdp_gather == "step" and mesh is not None:
             trainable = sharding.gathered_once(trainable, mesh)
         params = trainable if lora_cfg is None else overlay(frozen, trainable, lora_cfg)

@@ -31,7 +31,7 @@ from jaxrl_vl.train.checkpoints import CheckpointStore
 from jaxrl_vl.train.evaluation import JaxGreedyGenerator, generation_accuracy, prompt_from_example
 from jaxrl_vl.train.metrics import MetricsWriter
 from jaxrl_vl.train.optim import make_optimizer
-from jaxrl_vl.train.sft_step import make_eval_nll, make_sft_step
+from jaxrl_vl.train.sft_step import FSDP_GATHERS, make_eval_nll, make_sft_step
 from jaxrl_vl.train.state import TrainState, create_train_state, state_shardings
 
 log = logging.getLogger("jaxrl_vl.sft")
@@ -159,6 +159,8 @@ def run_sft(config) -> dict:
     train_cfg = config.train
     if config.model.dtype not in _DTYPES:
         raise ConfigError(f"model.dtype={config.model.dtype!r}; choose one of {sorted(_DTYPES)}")
+    if config.mesh.fsdp_gather not in FSDP_GATHERS:
+        raise ConfigError(f"mesh.fsdp_gather={config.mesh.fsdp_gather!r}; choose one of {FSDP_GATHERS}")
     if train_cfg.batch_size % train_cfg.grad_accum_steps:
         raise ConfigError(f"train.batch_size={train_cfg.batch_size} must be a multiple of "
                          f"train.grad_accum_steps={train_cfg.grad_accum_steps}")
@@ -202,7 +204,7 @@ def run_sft(config) -> dict:
                             layer_loop=config.model.layer_loop,
                             loss_chunk_size=train_cfg.loss_chunk_size, lora_overlay=lora_overlay, donate=donate,
                             state_shardings=state_shardings(state), metrics_sharding=sharding.replicated(mesh),
-                            mesh=mesh)
+                            mesh=mesh, fsdp_gather=config.mesh.fsdp_gather)
     eval_nll = make_eval_nll(model_config, dtype=dtype, loss_chunk_size=train_cfg.loss_chunk_size,
                              lora_overlay=lora_overlay, mesh=mesh)
     generator = _make_generator(config, model_dir, model_config, data, dtype, run_dir)

@@ -19,11 +19,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrl_vl import models
+from jaxrl_vl import models, sharding
 from jaxrl_vl.activation_sharding import traced_under_mesh
 from jaxrl_vl.losses.fused_nll import chunked_weighted_nll
 from jaxrl_vl.losses.sft import chunked_token_logprobs, cross_entropy_loss, token_logprobs
 from jaxrl_vl.train.state import TrainState, with_trainable
+
+FSDP_GATHERS = ("use", "step")
+
+
+def compute_copy(tree, dtype):
+    """The float32 matrices (ndim >= 2) of `tree` in the compute dtype; norms, biases and scalars unchanged.
+    Cast once per step instead of at every use, so FSDP gathers the smaller copy."""
+    return jax.tree.map(lambda a: a.astype(dtype) if a.ndim >= 2 and a.dtype == jnp.float32 else a, tree)
+
 
 # Host-side keys that the jitted model never reads (their shapes vary with the image count).
 HOST_ONLY_KEYS = ("image_grid_thw", "num_examples")
@@ -115,7 +124,7 @@ def target_nll_sum(params: dict, batch: dict, model_config, *, divisor, dtype=jn
 def make_sft_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
                   dtype=jnp.float32, remat: str = "none", layer_loop: str = "scan", loss_chunk_size: int = 0,
                   lora_overlay: Callable | None = None, donate: bool = True, state_shardings=None,
-                  metrics_sharding=None, mesh=None):
+                  metrics_sharding=None, mesh=None, fsdp_gather: str = "use"):
     """-> jitted step(state: TrainState, batches: dict [A, ...]) -> (TrainState, metrics dict).
 
     lora_overlay: (params, lora) -> params with the LoRA tree inserted (models.lora.overlay bound to
@@ -125,12 +134,20 @@ def make_sft_step(model_config, optimizer: optax.GradientTransformation, schedul
       placement identical across steps, so the step compiles once.
     mesh: the device mesh the state and batches live on; the step is traced under it so the model's
       activations stay split by batch (jaxrl_vl.activation_sharding). None: one device.
+    fsdp_gather: "use": XLA gathers each sharded weight where it is used, again in the backward (ZeRO-3);
+      "step": the weights' compute-dtype copy is gathered once per micro-batch and kept for the backward, its
+      gradient reduce-scattered (sharding.gathered_once; PyTorch FSDP's SHARD_GRAD_OP, one model copy of memory).
     Metrics (fp32 scalars): loss (mean NLL per target token), target_tokens, tokens (non-padding),
       grad_norm (before clipping), learning_rate (used for this update).
     """
 
+    if fsdp_gather not in FSDP_GATHERS:
+        raise ValueError(f"fsdp_gather={fsdp_gather!r}; choose one of {FSDP_GATHERS}")
+    gather_once = fsdp_gather == "step" and mesh is not None and mesh.shape["fsdp"] > 1
+
     def full_params(state_params, trainable):
-        return trainable if lora_overlay is None else lora_overlay(state_params, trainable)
+        params = trainable if lora_overlay is None else lora_overlay(state_params, trainable)
+        return sharding.gathered_once(compute_copy(params, dtype), mesh) if gather_once else params
 
     def micro_nll_sum(trainable, frozen_params, micro_batch, total_targets):
         return target_nll_sum(full_params(frozen_params, trainable), micro_batch, model_config, divisor=total_targets,
