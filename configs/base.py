@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.grad_accum_steps = 1  # micro-batches per update (batch_size must divide evenly)
     c.train.log_every_steps = 1
     c.train.loss_chunk_size = 0  # >0: cross-entropy over hidden states in chunks of this many tokens (no full logits; SFT forms the gradient in the forward pass: losses/fused_nll.py)
-    c.train.target_positions_multiple = 0  # >0 (with loss_chunk_size): logits only where a target follows, their count rounded up to this multiple (each count is a compiled shape)
+    c.train.target_positions_multiple = 0  # >0 (with loss_chunk_size; SFT and RL): logits only where a target follows, their count rounded up to this multiple (each count is a compiled shape)
     c.train.peak_flops_per_device = 0.0  # for MFU; 0 = from the device kind (rough on CPU)
 
     c.optim = ml_collections.ConfigDict()

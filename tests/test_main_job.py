@@ -69,11 +69,12 @@ def test_main_job_runs_sft_then_rl_and_resumes(tiny_model_dir, tmp_path):
 def test_main_job_with_unstacked_layers(tiny_model_dir, tmp_path):
     """The fast GPU settings end to end: model.layer_loop = "unrolled" stores params as per-layer lists (SFT
     checkpoints and exports them, RL pushes them into vLLM and its logprobs still agree with the trainer's), and
-    SFT's chunked fused loss takes logits at the target positions only."""
+    SFT's and RL's chunked losses take logits at the target positions only."""
     from jaxrl_vl.train.pipeline import run_sft_then_rl
 
     config = _tiny_main_job(tiny_model_dir, str(tmp_path / "run"))
     config.sft.model.layer_loop = config.rl.model.layer_loop = "unrolled"
-    config.sft.train.loss_chunk_size, config.sft.train.target_positions_multiple = 32, 16
+    for phase in (config.sft, config.rl):
+        phase.train.loss_chunk_size, phase.train.target_positions_multiple = 32, 16
     summary = run_sft_then_rl(config)
     assert summary["rl_steps"] == 1 and summary["sft_steps"] == 2 and summary["max_drift"] <= 1e-4

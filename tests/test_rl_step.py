@@ -119,6 +119,24 @@ def test_micro_batches_accumulate_to_the_same_update(tiny):
     assert float(two["drift_mean"]) == pytest.approx(float(one["drift_mean"]), abs=1e-7)
 
 
+def test_logits_at_target_positions_give_the_same_update(tiny):
+    """target_positions (the chunked loss computes logits only where a sampled token follows): the same loss,
+    drift, entropy and update as logits at every position."""
+    config, params = tiny
+    rows = _with_trainer_logprobs(_rows(config), config, params)
+    optimizer, schedule = _optimizer(1e-3)
+    step = make_rl_step(config, optimizer, schedule, PolicyLossConfig(name="ppo"), loss_chunk_size=16, donate=False)
+    state = create_train_state(params, optimizer, jax.random.PRNGKey(0))
+    full = build_micro_batches(rows, config, num_micro_batches=2)
+    picked = build_micro_batches(rows, config, num_micro_batches=2, target_positions_multiple=8)
+    assert picked["target_positions"].shape == (2, 2, 16) and full["input_ids"].shape[-1] == 128
+    (s_full, m_full), (s_picked, m_picked) = step(state, full), step(state, picked)
+    for key in ("loss", "drift_mean", "drift_max", "entropy", "grad_norm", "loss_tokens"):
+        assert float(m_picked[key]) == pytest.approx(float(m_full[key]), rel=1e-4, abs=1e-6), key
+    for a, b in zip(jax.tree.leaves(s_picked.params), jax.tree.leaves(s_full.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
 def test_filler_rows_train_nothing(tiny):
     config, params = tiny
     rows = _with_trainer_logprobs(_rows(config)[:3], config, params)

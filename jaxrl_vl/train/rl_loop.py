@@ -334,7 +334,9 @@ def run_rl(config) -> dict:
                 batch = build_micro_batches(rows, model_config, num_micro_batches=micro_batches,
                                             length_multiple=rl.length_multiple, patch_multiple=rl.patch_multiple,
                                             rows_multiple=max(1, rl.num_groups * rl.samples_per_group
-                                                              // micro_batches))
+                                                              // micro_batches),
+                                            target_positions_multiple=(config.train.target_positions_multiple
+                                                                       if config.train.loss_chunk_size > 0 else 0))
                 if ref_score is not None:
                     batch["ref_logprobs"] = np.stack([np.asarray(ref_score(ref_params, None, {k: v[a] for k, v in
                                                                                              batch.items()}))

@@ -8,6 +8,7 @@ and per-token arrays aligned with the tokens (index t describes token t):
   advantages       float32 [A, B, L]  the trajectory's advantage on its sampled tokens
   turn_ids         int32   [A, B, L]  episode turn of each sampled token (-1 elsewhere)
   ref_logprobs     float32 [A, B, L]  optional: frozen reference policy (KL); shifted like the others
+  target_positions int32   [A, B, T]  optional: where the chunked loss computes logits (build_micro_batches)
 Position t of the model predicts token t+1, so every per-token array is shifted left by one
 before the loss (as in sft_step.shifted_targets).
 
@@ -32,6 +33,7 @@ from jaxrl_vl.losses.aggregate import masked
 from jaxrl_vl.losses.policy import PolicyLossConfig, compute_policy_loss
 from jaxrl_vl.losses.sft import chunked_token_logprobs, token_logprobs
 from jaxrl_vl.models.vision_inputs import slot_shape
+from jaxrl_vl.train.sft_step import at_target_positions, from_target_positions, target_positions
 from jaxrl_vl.train.state import TrainState, with_trainable
 
 HOST_ONLY_KEYS = ("image_grid_thw", "group_id", "num_examples")
@@ -59,12 +61,16 @@ def shifted_rl_inputs(batch: dict) -> dict:
 def trainer_logprobs(params: dict, batch: dict, targets: jax.Array, model_config, *, dtype=jnp.float32,
                      remat: str = "none", loss_chunk_size: int = 0, layer_loop: str = "scan"):
     """-> (logprobs fp32 [B, L], entropy fp32 [B, L]) of `targets` under the model (temperature 1,
-    which is what vLLM's raw sampled-token logprobs report)."""
+    which is what vLLM's raw sampled-token logprobs report). Chunked with batch["target_positions"]: logits
+    at those positions only, 0 elsewhere (sft_step.at_target_positions)."""
     if loss_chunk_size > 0:
         hidden = models.apply(params, batch, model_config, dtype=dtype, remat=remat, return_hidden=True,
                               layer_loop=layer_loop)
-        return chunked_token_logprobs(hidden, models.unembedding(params, model_config), targets,
-                                      chunk_size=loss_chunk_size, dtype=hidden.dtype, return_entropy=True)
+        length = targets.shape[1]
+        hidden, targets = at_target_positions(batch, hidden, targets)
+        out = chunked_token_logprobs(hidden, models.unembedding(params, model_config), targets,
+                                     chunk_size=loss_chunk_size, dtype=hidden.dtype, return_entropy=True)
+        return from_target_positions(batch, length, *out) if "target_positions" in batch else out
     logits = models.apply(params, batch, model_config, dtype=dtype, remat=remat, layer_loop=layer_loop)
     return token_logprobs(logits, targets, return_entropy=True)
 
@@ -214,12 +220,15 @@ def _filler_row(template: dict, pad_id: int) -> dict:
 
 
 def build_micro_batches(rows: list[dict], model_config, *, num_micro_batches: int, length_multiple: int = 128,
-                        patch_multiple: int = 64, rows_multiple: int = 1) -> dict[str, np.ndarray]:
+                        patch_multiple: int = 64, rows_multiple: int = 1,
+                        target_positions_multiple: int = 0) -> dict[str, np.ndarray]:
     """Training rows (trajectory.training_rows) -> one dict of arrays stacked on a leading
     micro-batch axis A = num_micro_batches: input_ids [A, B, L], position_ids [A, 3, B, L],
     pixel_values [A, P, D], ... Rows are dealt round-robin over the A micro-batches and each is padded
     with non-training filler rows to B, rounded up to `rows_multiple`; L and P are rounded up to their
-    multiples so jit sees few shapes."""
+    multiples so jit sees few shapes. target_positions_multiple > 0 adds `target_positions` [A, B, T] (the
+    positions a sampled token follows; for the chunked loss, sft_step.target_positions).
+    """
     if not rows:
         raise ValueError("build_micro_batches: no rows (every group filtered out?)")
     if num_micro_batches < 1:
@@ -245,4 +254,6 @@ def build_micro_batches(rows: list[dict], model_config, *, num_micro_batches: in
                                  vision_slots=slots) for g in groups]
     keys = [k for k in batches[0] if k != "image_grid_thw"]
     stacked = {k: np.stack([b[k] for b in batches]) for k in keys}
+    if target_positions_multiple > 0:
+        stacked["target_positions"] = target_positions(stacked["loss_mask"], target_positions_multiple)
     return stacked

@@ -89,15 +89,23 @@ def target_positions(loss_mask: np.ndarray, multiple: int) -> np.ndarray:
     return out.reshape(*loss_mask.shape[:-1], size)
 
 
-def at_target_positions(batch: dict, hidden: jax.Array, targets: jax.Array, weights: jax.Array):
-    """hidden [B, L, H], targets / weights [B, L] -> the same at batch["target_positions"] [B, T] only (the
+def at_target_positions(batch: dict, hidden: jax.Array, *per_token: jax.Array) -> tuple:
+    """hidden [B, L, H] and per-token arrays [B, L] -> the same at batch["target_positions"] [B, T] only (the
     positions whose next token is a target, `target_positions`), when the batch has them: the
     unembedding matmuls and the softmax then skip prompts, images and padding."""
     if "target_positions" not in batch:
-        return hidden, targets, weights
+        return (hidden, *per_token)
     positions = batch["target_positions"]
     return (jnp.take_along_axis(hidden, positions[..., None], axis=1),
-            jnp.take_along_axis(targets, positions, axis=1), jnp.take_along_axis(weights, positions, axis=1))
+            *(jnp.take_along_axis(x, positions, axis=1) for x in per_token))
+
+
+def from_target_positions(batch: dict, length: int, *values: jax.Array) -> tuple:
+    """Per-position values [B, T] at batch["target_positions"] -> [B, L], 0 at every other position (which
+    carries no loss). The padding entries all point at L - 1, whose value is never used."""
+    positions = batch["target_positions"]
+    rows = jnp.arange(positions.shape[0])[:, None]
+    return tuple(jnp.zeros((positions.shape[0], length), x.dtype).at[rows, positions].set(x) for x in values)
 
 
 def target_nll_sum(params: dict, batch: dict, model_config, *, divisor, dtype=jnp.float32, remat: str = "none",
