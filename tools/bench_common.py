@@ -108,17 +108,13 @@ FLOPS_FORMULA = (
 
 def step_flops(config, *, batch_size: int, seq_len: int, images_per_row: int, image_size: int,
                lora: bool, logit_tokens: int | None = None) -> dict:
-    """{"total", "text", "vision"} FLOPs of one training step (see FLOPS_FORMULA); logit_tokens: the tokens
-    the lm_head runs on (None: all)."""
-    from jaxrl_vl.train.flops import text_forward_flops_per_token, vision_forward_flops_per_patch
+    """{"total", "text", "vision"} FLOPs of one training step (see FLOPS_FORMULA; jaxrl_vl.train.flops);
+    logit_tokens: the tokens the lm_head runs on (None: all)."""
+    from jaxrl_vl.train.flops import train_flops
 
-    factor = 1.0 + (1.0 if lora else 2.0)
-    tokens = batch_size * seq_len
-    logit_tokens = tokens if logit_tokens is None else logit_tokens
-    patches_per_image = (image_size // config.vision.patch_size) ** 2
-    patches = batch_size * images_per_row * patches_per_image
-    text = factor * (tokens * text_forward_flops_per_token(config.text, seq_len, unembedding=False)
-                     + logit_tokens * 2 * config.text.hidden_size * config.text.vocab_size)
-    vision = factor * patches * vision_forward_flops_per_patch(config.vision, config.text.hidden_size,
-                                                               patches_per_image)
-    return {"total": text + vision, "text": text, "vision": vision}
+    step = dict(num_tokens=batch_size * seq_len, seq_len=seq_len, backward_factor=1.0 if lora else 2.0,
+                logit_tokens=logit_tokens)
+    text = train_flops(config, **step)
+    total = train_flops(config, **step, num_images=batch_size * images_per_row,
+                        num_patches=batch_size * images_per_row * (image_size // config.vision.patch_size) ** 2)
+    return {"total": total, "text": text, "vision": total - text}
