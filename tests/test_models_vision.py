@@ -246,17 +246,18 @@ def test_mixed_sizes_share_slots_and_layout_is_checked():
 
 def test_uniform_frames_take_one_slot_each_without_mask():
     """Same-size frames (Maze turns, fixed-size benchmarks) keep the mask-free layout: one frame per
-    slot, slot_len the frame rounded up by bucket_size, a key length per slot."""
+    slot, slot_len the frame rounded up by bucket_size (32 per octave), a key length per slot."""
     from transformers import Qwen3VLConfig
 
     vision_config = Qwen3VLConfig(vision_config=dict(patch_size=16, num_position_embeddings=2304)).vision_config
     grid = np.array([[1, 28, 28]] * 8)  # eight 448x448 images
-    assert slot_shape(vision_config, grid) == (8, 832, 0, False)
+    assert slot_shape(vision_config, grid) == (8, 784, 0, False)
+    assert slot_shape(vision_config, np.array([[1, 28, 30]] * 2)) == (2, 848, 0, False)  # 840 -> 848
     v = vision_inputs(vision_config, grid, 8 * 784)
     assert "vision_slot_segments" not in v
     np.testing.assert_array_equal(v["vision_slot_lengths"], [784] * 8)
     # num_slots_multiple: the slot axis splits evenly over that many devices
-    assert slot_shape(vision_config, grid[:5], num_slots_multiple=4) == (8, 832, 0, False)
+    assert slot_shape(vision_config, grid[:5], num_slots_multiple=4) == (8, 784, 0, False)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])

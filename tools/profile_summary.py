@@ -83,15 +83,44 @@ def summarize(trace_dir: str, steps: int = 1, top: int = 40) -> dict:
         if kind == "fusion":
             families[re.sub(r"[._]\d+", "", name.split(" [")[0])] += ms
     families = dict(sorted(((k, round(v, 2)) for k, v in families.items()), key=lambda kv: -kv[1])[:top])
+    idle = _idle_time(lines, busy, steps, top)
     return {"device": plane.name, "op_lines": op_lines, "lines_ms_per_step": {k: round(v, 2) for k, v in busy.items()},
             "kinds_ms_per_step": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-            "fusion_families_ms_per_step": families, "top": rows[:top], "event_stats_example": sample_stats}
+            "fusion_families_ms_per_step": families, **idle, "top": rows[:top], "event_stats_example": sample_stats}
+
+
+def _idle_time(lines: dict, busy: dict, steps: int, top: int) -> dict:
+    """Time the busiest stream sits idle between its kernels (launch gaps, host waits), per step, and
+    the kernels those gaps follow most: the part of a step that no kernel speed-up can recover."""
+    streams = [name for name in lines if name.startswith("Stream")] or list(lines)
+    name = max(streams, key=lambda n: busy.get(n, 0.0), default=None)
+    events = sorted(lines.get(name, []), key=lambda e: e.start_ns) if name else []
+    if len(events) < 2:
+        return {}
+    after: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    gaps_ns = 0.0
+    end = events[0].start_ns + events[0].duration_ns
+    previous = events[0].name
+    for event in events[1:]:
+        gap = event.start_ns - end
+        if gap > 0:
+            gaps_ns += gap
+            entry = after[re.sub(r"[._]\d+$", "", previous)[:80]]
+            entry[0] += gap / 1e6 / steps
+            entry[1] += 1
+        if event.start_ns + event.duration_ns >= end:
+            end, previous = event.start_ns + event.duration_ns, event.name
+    worst = sorted(after.items(), key=lambda kv: -kv[1][0])[:min(top, 15)]
+    return {"idle_stream": name, "idle_ms_per_step": round(gaps_ns / 1e6 / steps, 2),
+            "idle_after_ms_per_step": [(k, round(v[0], 3), v[1] // steps) for k, v in worst]}
 
 
 def format_table(summary: dict) -> str:
     out = [f"device {summary['device']}; busy ms/step by line: {json.dumps(summary['lines_ms_per_step'])}",
            f"by kind (ms/step): {json.dumps(summary['kinds_ms_per_step'])}",
            f"fusion families (ms/step): {json.dumps(summary.get('fusion_families_ms_per_step', {}))}",
+           f"idle between kernels on {summary.get('idle_stream')}: {summary.get('idle_ms_per_step')} ms/step; "
+           f"most after: {json.dumps(summary.get('idle_after_ms_per_step', [])[:8])}",
            "top ops (ms/step, count/step):"]
     for name, kind, ms, count, detail in summary["top"]:
         out.append(f"  {ms:9.3f} {count:5d} {kind:15s} {name[:90]}  {detail[:120]}")
