@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     import uvicorn
 
     from jaxrl_vl.models.checkpoint import _resolve_dir
+    from jaxrl_vl.xla_flags import apply_defaults
+    apply_defaults()  # before the trainer's first JAX computation
     from jaxrl_vl.tinker.app import DEFAULT_MAX_BODY_BYTES, create_app
     from jaxrl_vl.tinker.runner import OwnedVLLM, build_service, start_vllm_for
 

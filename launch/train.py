@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxrl_vl.train.config_overrides import ConfigError, parse_command_line  # noqa: E402
+from jaxrl_vl.xla_flags import apply_defaults  # noqa: E402
 
 TRAINERS = ("sft", "rl", "sft_then_rl")
 
@@ -41,6 +42,7 @@ def run(config) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    apply_defaults()
     try:
         config, _ = parse_command_line(argv)
         summary = run(config)

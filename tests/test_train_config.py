@@ -55,3 +55,13 @@ def test_train_py_reports_unknown_key_and_exits_nonzero():
                              "--config.nonsense=1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode != 0
     assert "unknown config key 'nonsense'" in result.stderr and "optim.learning_rate" in result.stderr
+
+
+def test_xla_flag_defaults_keep_what_the_user_set():
+    from jaxrl_vl.xla_flags import DEFAULTS, with_defaults
+
+    assert with_defaults("") == " ".join(DEFAULTS)
+    assert with_defaults("--xla_dump_to=/tmp/x") == " ".join(("--xla_dump_to=/tmp/x",) + DEFAULTS)
+    mine = "--xla_gpu_dot_merger_threshold_mb=32 --xla_gpu_enable_latency_hiding_scheduler=true"
+    assert with_defaults(mine) == mine  # an explicit value wins, nothing is duplicated
+    assert with_defaults(with_defaults("")) == with_defaults("")

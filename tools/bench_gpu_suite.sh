@@ -37,6 +37,9 @@ for name in ${RUNS:-2b_1gpu 2b_fsdp2 8b_lora}; do
     # the fastest setting since the layers are stored unstacked), with PyTorch side by side
     2b_1gpu_bf16_remat_none) CUDA_VISIBLE_DEVICES=0 run $name ${T:-330} $TWO_B --batch-size 2 --remat none \
       --layer-loop unrolled --param-dtype bfloat16 ;;
+    # the same at one row per step (the PyTorch reference launches its kernels from Python, which one row hides less)
+    2b_1gpu_bf16_remat_none_b1) CUDA_VISIBLE_DEVICES=0 run $name ${T:-330} $TWO_B --batch-size 1 --remat none \
+      --layer-loop unrolled --param-dtype bfloat16 ;;
     # A/B of the cross-entropy: logprobs first and their gradient in the backward (what RL losses need)
     # against the default fused loss (gradient formed in the forward pass) of 2b_1gpu_bf16_remat_none
     2b_1gpu_bf16_remat_none_logprobs) CUDA_VISIBLE_DEVICES=0 run $name ${T:-330} $TWO_B --batch-size 2 --remat none \

@@ -33,6 +33,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common  # noqa: E402  (also puts the repo root on sys.path)
+from jaxrl_vl.xla_flags import apply_defaults  # noqa: E402
+
+apply_defaults()  # as launch/train.py: before JAX starts a backend
 
 PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16, vendor datasheet
 
