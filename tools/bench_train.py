@@ -357,6 +357,7 @@ def main(argv=None) -> dict:
     summary = {
         "benchmark": "train_step", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python tools/bench_train.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # with jaxrl_vl.xla_flags' defaults
         "card": jax.devices()[0].device_kind, "backend": jax.default_backend(), "gpus": args.mesh,
         "like": args.like, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "images_per_row": args.images_per_row, "image_size": args.image_size, "lora": args.lora,
