@@ -68,3 +68,24 @@ def test_bench_train_unrolled_runs_on_unstacked_params():
                                 "--param-dtype", "bfloat16"])
     assert summary["params_layout"] == "unstacked" == summary["jax"]["params_layout"]
     assert all(np.isfinite(summary["jax"]["loss_first_last"]))
+
+
+def test_kernel_table_joins_the_trace_with_the_optimized_hlo(tmp_path):
+    """tools/kernel_table.py on a traced tiny CPU step: fusions get their bytes and the model line they came from."""
+    import os
+    import subprocess
+
+    import kernel_table
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS=f"--xla_dump_to={tmp_path / 'hlo'} --xla_dump_hlo_module_re=jit_step "
+                                     "--xla_dump_hlo_pass_re=NONE")
+    subprocess.run([sys.executable, str(root / "tools" / "bench_train.py"), "--like", "tiny", "--seq-len", "256",
+                    "--images-per-row", "1", "--image-size", "64", "--steps", "1", "--skip-torch",
+                    "--profile", str(tmp_path / "trace")], env=env, check=True, capture_output=True, cwd=root)
+    (hlo,) = (tmp_path / "hlo").glob("*jit_step*after_optimizations.txt")
+    rows = kernel_table.kernel_rows(hlo.read_text(), str(tmp_path / "trace"), steps=2)
+    joined = [r for r in rows if "mb" in r]
+    assert joined and all(r["mb"] >= 0 and r["count"] >= 1 for r in joined)
+    assert any("fused_nll.py" in r["source"] for r in joined)  # the chunked loss's kernels, by source line
+    assert kernel_table.nbytes("(bf16[2,3]{1,0}, f32[4])") == 2 * 6 + 4 * 4
