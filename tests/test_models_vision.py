@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from jaxrl_vl.models.vision import apply_vision, init_vision
-from jaxrl_vl.models.vision_inputs import bucket_size, slot_shape, vision_inputs
+from jaxrl_vl.models.vision_inputs import bucket_size, frame_slot_len, slot_shape, vision_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -242,11 +242,14 @@ def test_mixed_sizes_share_slots_and_layout_is_checked():
         vision_inputs(vision_config, GRID_THW, 120, (8, 32))
     assert [bucket_size(n) for n in (0, 3, 17, 100, 784, 1000)] == [1, 3, 18, 104, 832, 1024]
     assert [bucket_size(n, 4) for n in (5, 9, 17, 33)] == [5, 10, 20, 40]
+    sizes = (1, 9, 25, 36, 49, 100, 127, 144, 196, 300, 784, 840, 1024)
+    assert [frame_slot_len(n) for n in sizes] == [1, 9, 26, 36, 52, 104, 128, 144, 200, 304, 784, 848, 1024]
+    assert all(frame_slot_len(n) == bucket_size(n) for n in range(1, 128))
 
 
 def test_uniform_frames_take_one_slot_each_without_mask():
     """Same-size frames (Maze turns, fixed-size benchmarks) keep the mask-free layout: one frame per
-    slot, slot_len the frame rounded up by bucket_size (32 per octave), a key length per slot."""
+    slot, slot_len the frame rounded up by frame_slot_len, a key length per slot."""
     from transformers import Qwen3VLConfig
 
     vision_config = Qwen3VLConfig(vision_config=dict(patch_size=16, num_position_embeddings=2304)).vision_config

@@ -14,8 +14,8 @@ num_patches^2 for one masked attention over every patch); the slot axis can be s
 with every op local. Each frame (images in order, frames in order) fills a contiguous run of one
 slot; the rest of the slot is padding. `slot_shape` picks the layout:
   - every frame the same size (Maze, fixed-size benchmarks): one frame per slot, slot_len = that
-    size rounded up by `bucket_size` to 32 sizes per octave (<= 3% padding: a 448x448 image's 784
-    patches stay 784, where 8 per octave made 832 and cost 1% of a 2B H100 training step). Attention
+    size rounded up by `frame_slot_len` (<= 1/32 padding from 256 patches up: a 448x448 image's 784
+    patches stay 784, where `bucket_size`'s 8 per octave made 832 and cost 1% of a 2B H100 step). Attention
     needs only a key length per slot (`vision_slot_lengths`, mask-free: cuDNN flash attention on GPU).
   - mixed sizes: slot_len = the largest frame rounded up to a power of two (few distinct shapes),
     and frames are packed largest first into the first slot with room (first-fit decreasing), so
@@ -71,6 +71,16 @@ def bucket_size(n: int, per_octave: int = 8) -> int:
     1/per_octave padding, `per_octave` sizes per octave."""
     n = max(int(n), 1)
     step = max(1, (1 << (n.bit_length() - 1)) // per_octave)
+    return -(-n // step) * step
+
+
+def frame_slot_len(n: int) -> int:
+    """Slot length for frames of n patches: n rounded up in steps of 2**floor(log2 n) // 32, but at least
+    min(8, 2**floor(log2 n) // 8): at most 1/32 padding for large frames, multiples of 8 from 64 patches up
+    (aligned matmul rows), and below 128 patches the same sizes as bucket_size(n)."""
+    n = max(int(n), 1)
+    octave = 1 << (n.bit_length() - 1)
+    step = max(1, octave // 32, min(8, octave // 8))
     return -(-n // step) * step
 
 
@@ -168,7 +178,7 @@ def slot_shape(vision_config, *grids_thw: np.ndarray, num_slots_multiple: int = 
     longest, most_windows = int(sizes.max(initial=merge * merge)), int(windows.max(initial=1))
     is_windowed = vision_arch(vision_config) == "qwen2_5_vl"
     if len(np.unique(sizes)) <= 1:  # one frame size (or none): a tight slot_len, so one frame per slot
-        slot_len = bucket_size(longest, 32)
+        slot_len = frame_slot_len(longest)
         windows_per_slot = bucket_size(most_windows, 4) if is_windowed else 0
     else:  # mixed sizes: a power-of-two slot_len (few distinct shapes); small frames share slots
         slot_len = 1 << (longest - 1).bit_length()
