@@ -44,6 +44,7 @@ from jaxrl_vl.train.checkpoints import CheckpointStore
 from jaxrl_vl.train.metrics import MetricsWriter
 from jaxrl_vl.train.optim import make_optimizer
 from jaxrl_vl.train.rl_step import build_micro_batches, make_rl_step, make_score_logprobs
+from jaxrl_vl.train.sft_step import loss_target_positions_multiple
 from jaxrl_vl.train.state import create_train_state
 
 log = logging.getLogger("jaxrl_vl.rl")
@@ -335,8 +336,7 @@ def run_rl(config) -> dict:
                                             length_multiple=rl.length_multiple, patch_multiple=rl.patch_multiple,
                                             rows_multiple=max(1, rl.num_groups * rl.samples_per_group
                                                               // micro_batches),
-                                            target_positions_multiple=(config.train.target_positions_multiple
-                                                                       if config.train.loss_chunk_size > 0 else 0))
+                                            target_positions_multiple=loss_target_positions_multiple(config.train))
                 if ref_score is not None:
                     batch["ref_logprobs"] = np.stack([np.asarray(ref_score(ref_params, None, {k: v[a] for k, v in
                                                                                              batch.items()}))

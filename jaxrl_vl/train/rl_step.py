@@ -70,7 +70,7 @@ def trainer_logprobs(params: dict, batch: dict, targets: jax.Array, model_config
         hidden, targets = at_target_positions(batch, hidden, targets)
         out = chunked_token_logprobs(hidden, models.unembedding(params, model_config), targets,
                                      chunk_size=loss_chunk_size, dtype=hidden.dtype, return_entropy=True)
-        return from_target_positions(batch, length, *out) if "target_positions" in batch else out
+        return from_target_positions(batch, length, *out)
     logits = models.apply(params, batch, model_config, dtype=dtype, remat=remat, layer_loop=layer_loop)
     return token_logprobs(logits, targets, return_entropy=True)
 

@@ -31,7 +31,7 @@ from jaxrl_vl.train.checkpoints import CheckpointStore
 from jaxrl_vl.train.evaluation import JaxGreedyGenerator, generation_accuracy, prompt_from_example
 from jaxrl_vl.train.metrics import MetricsWriter
 from jaxrl_vl.train.optim import make_optimizer
-from jaxrl_vl.train.sft_step import FSDP_GATHERS, make_eval_nll, make_sft_step
+from jaxrl_vl.train.sft_step import FSDP_GATHERS, loss_target_positions_multiple, make_eval_nll, make_sft_step
 from jaxrl_vl.train.state import TrainState, create_train_state, state_shardings
 
 log = logging.getLogger("jaxrl_vl.sft")
@@ -182,8 +182,7 @@ def run_sft(config) -> dict:
     collate = make_stacked_collate(model_config, grad_accum_steps=train_cfg.grad_accum_steps,
                                    packing=config.data.packing, **data.collate_kwargs,
                                    num_slots_multiple=mesh.shape["data"] * mesh.shape["fsdp"],
-                                   target_positions_multiple=(train_cfg.target_positions_multiple
-                                                              if train_cfg.loss_chunk_size > 0 else 0))
+                                   target_positions_multiple=loss_target_positions_multiple(train_cfg))
     iterator = iter(make_dataset(data.train, spec, collate))
 
     store = CheckpointStore(setup.checkpoint_dir(config, run_dir), every_steps=config.checkpoint.every_steps,

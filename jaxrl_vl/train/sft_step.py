@@ -89,6 +89,12 @@ def target_positions(loss_mask: np.ndarray, multiple: int) -> np.ndarray:
     return out.reshape(*loss_mask.shape[:-1], size)
 
 
+def loss_target_positions_multiple(train_config) -> int:
+    """train.target_positions_multiple where it applies: target positions need the chunked loss
+    (train.loss_chunk_size > 0); 0 otherwise."""
+    return train_config.target_positions_multiple if train_config.loss_chunk_size > 0 else 0
+
+
 def at_target_positions(batch: dict, hidden: jax.Array, *per_token: jax.Array) -> tuple:
     """hidden [B, L, H] and per-token arrays [B, L] -> the same at batch["target_positions"] [B, T] only (the
     positions whose next token is a target, `target_positions`), when the batch has them: the
@@ -102,7 +108,10 @@ def at_target_positions(batch: dict, hidden: jax.Array, *per_token: jax.Array) -
 
 def from_target_positions(batch: dict, length: int, *values: jax.Array) -> tuple:
     """Per-position values [B, T] at batch["target_positions"] -> [B, L], 0 at every other position (which
-    carries no loss). The padding entries all point at L - 1, whose value is never used."""
+    carries no loss); without target positions the values as they are (the inverse of at_target_positions).
+    The padding entries all point at L - 1, whose value is never used."""
+    if "target_positions" not in batch:
+        return values
     positions = batch["target_positions"]
     rows = jnp.arange(positions.shape[0])[:, None]
     return tuple(jnp.zeros((positions.shape[0], length), x.dtype).at[rows, positions].set(x) for x in values)
