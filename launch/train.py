@@ -23,8 +23,8 @@ TRAINERS = ("sft", "rl", "sft_then_rl")
 
 def run(config) -> dict:
     """Dispatch on config.trainer; returns the summary dict."""
-    from jaxrl_vl.train.setup import maybe_initialize_distributed
-    maybe_initialize_distributed(config.get("distributed", "auto"))
+    from jaxrl_vl.train.distributed import initialize
+    initialize(config.get("distributed", "auto"))
     if config.trainer == "sft":
         from jaxrl_vl.train.sft_loop import run_sft
         return run_sft(config)

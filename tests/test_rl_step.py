@@ -12,10 +12,16 @@ import pytest
 from jaxrl_vl import models
 from jaxrl_vl.losses.policy import PolicyLossConfig
 from jaxrl_vl.train.optim import make_optimizer
-from jaxrl_vl.train.rl_step import build_micro_batches, make_rl_step, make_score_logprobs
+from jaxrl_vl.data.collate import rl_micro_batches, split_host_stats
+from jaxrl_vl.train.rl_step import make_rl_step, make_score_batches
+from jaxrl_vl.train.step import Forward
 from jaxrl_vl.train.state import create_train_state
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def build_micro_batches(rows, config, **kwargs):
+    return split_host_stats(rl_micro_batches(rows, config, **kwargs))[0]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +61,7 @@ def _rows(config, seed=0):
 def _with_trainer_logprobs(rows, config, params):
     """rollout_logprobs := the trainer's own logprobs on the masked tokens (an exact sampler)."""
     batch = build_micro_batches(rows, config, num_micro_batches=1)
-    score = make_score_logprobs(config)
-    logprobs = np.asarray(score(params, None, {k: v[0] for k, v in batch.items()}))
+    logprobs = np.asarray(make_score_batches(Forward(config))(params, None, batch))[0]
     for b, row in enumerate(rows):
         row["rollout_logprobs"] = logprobs[b, :len(row["input_ids"])] * row["loss_mask"]
     return rows
@@ -67,7 +72,7 @@ def ppo_step(tiny):
     """One compiled step shared by the tests below (wide clip range so a few updates keep moving)."""
     optimizer, schedule = _optimizer(3e-3)
     config, params = tiny
-    step = make_rl_step(config, optimizer, schedule, PolicyLossConfig(name="ppo", clip_eps_high=10.0, clip_eps_low=0.9),
+    step = make_rl_step(Forward(config), optimizer, schedule, PolicyLossConfig(name="ppo", clip_eps_high=10.0, clip_eps_low=0.9),
                         donate=False)
     return step, create_train_state(params, optimizer, jax.random.PRNGKey(0))
 
@@ -109,7 +114,7 @@ def test_micro_batches_accumulate_to_the_same_update(tiny):
     rows = _with_trainer_logprobs(_rows(config), config, params)
     optimizer, schedule = _optimizer(1e-3)
     # sequence-mean: micro-batches are weighted by their share of sequences, not of tokens
-    step = make_rl_step(config, optimizer, schedule, PolicyLossConfig(name="ppo", aggregation="sequence-mean"),
+    step = make_rl_step(Forward(config), optimizer, schedule, PolicyLossConfig(name="ppo", aggregation="sequence-mean"),
                         donate=False)
     state = create_train_state(params, optimizer, jax.random.PRNGKey(0))
     _, one = step(state, build_micro_batches(rows, config, num_micro_batches=1))
@@ -125,7 +130,8 @@ def test_logits_at_target_positions_give_the_same_update(tiny):
     config, params = tiny
     rows = _with_trainer_logprobs(_rows(config), config, params)
     optimizer, schedule = _optimizer(1e-3)
-    step = make_rl_step(config, optimizer, schedule, PolicyLossConfig(name="ppo"), loss_chunk_size=16, donate=False)
+    step = make_rl_step(Forward(config, loss_chunk_size=16), optimizer, schedule, PolicyLossConfig(name="ppo"),
+                        donate=False)
     state = create_train_state(params, optimizer, jax.random.PRNGKey(0))
     full = build_micro_batches(rows, config, num_micro_batches=2)
     picked = build_micro_batches(rows, config, num_micro_batches=2, target_positions_multiple=8)
@@ -133,8 +139,9 @@ def test_logits_at_target_positions_give_the_same_update(tiny):
     (s_full, m_full), (s_picked, m_picked) = step(state, full), step(state, picked)
     for key in ("loss", "drift_mean", "drift_max", "entropy", "grad_norm", "loss_tokens"):
         assert float(m_picked[key]) == pytest.approx(float(m_full[key]), rel=1e-4, abs=1e-6), key
+    # Adam's first update is ~lr * sign(g): float-order noise on near-zero gradients shows up to ~lr * 1e-3
     for a, b in zip(jax.tree.leaves(s_picked.params), jax.tree.leaves(s_full.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-6)
 
 
 def test_filler_rows_train_nothing(tiny):
@@ -224,7 +231,8 @@ def test_rl_steps_with_weight_push_keep_drift_small_and_resume(tiny_model_dir, t
 def test_rl_configs_build_valid_agent_loss_and_env(name):
     from jaxrl_vl.envs import make_env
     from jaxrl_vl.train.config_overrides import load_config_file
-    from jaxrl_vl.train.rl_loop import agent_config, policy_loss_config, train_seeds
+    from jaxrl_vl.train.rl_rollouts import agent_config, train_seeds
+    from jaxrl_vl.train.rl_update import policy_loss_config
 
     config = load_config_file(str(REPO / "configs" / f"{name}.py"))
     if name == "maze_sft_rl":

@@ -307,6 +307,7 @@ SFT_STEP_GATHER_ONCE_CHECK = textwrap.dedent(r'''
     from jaxrl_vl import models, sharding
     from jaxrl_vl.train.sft_step import make_sft_step
     from jaxrl_vl.train.state import create_train_state, state_shardings
+    from jaxrl_vl.train.step import Forward, ParamsView
     config, params = models.load(sys.argv[1])
     params = jax.tree.map(jnp.asarray, params)
     rng = np.random.default_rng(0)
@@ -314,13 +315,13 @@ SFT_STEP_GATHER_ONCE_CHECK = textwrap.dedent(r'''
              "loss_mask": (np.arange(n) >= n // 2).astype(np.float32)} for n in (40, 64)]
     batch = {k: v[None] for k, v in models.make_batch(rows, config, pad_to_length=64).items() if k != "image_grid_thw"}
     optimizer, schedule = optax.sgd(1.0), optax.constant_schedule(1.0)
-    single, m1 = make_sft_step(config, optimizer, schedule, donate=False)(
+    single, m1 = make_sft_step(Forward(config), optimizer, schedule, donate=False)(
         create_train_state(params, optimizer, jax.random.PRNGKey(0)), batch)
     mesh = sharding.make_mesh(fsdp=2)
     state = create_train_state(sharding.shard_params(params, mesh), optimizer, jax.random.PRNGKey(0), mesh=mesh)
     stacked = {k: jax.device_put(v, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
         None, *sharding.batch_partition_spec(k, v.shape[1:], 2, 64)))) for k, v in batch.items()}
-    step = make_sft_step(config, optimizer, schedule, donate=False, mesh=mesh, fsdp_gather="step",
+    step = make_sft_step(Forward(config), optimizer, schedule, ParamsView(gather_mesh=mesh), donate=False, mesh=mesh,
                          state_shardings=state_shardings(state), metrics_sharding=sharding.replicated(mesh))
     split, m2 = step(state, stacked)
     print(json.dumps({

@@ -13,10 +13,12 @@ from jaxrl_vl.data.pipeline import render_records
 from jaxrl_vl.data.render import HFRenderer
 from jaxrl_vl.data.sources import classifier_record
 from jaxrl_vl.train import flops
-from jaxrl_vl.train.batches import make_stacked_collate, split_host_stats
+from jaxrl_vl.data.collate import sft_collate_fn, split_host_stats
+from jaxrl_vl.losses.target_positions import target_positions
 from jaxrl_vl.train.evaluation import JaxGreedyGenerator, is_correct, prompt_from_example
 from jaxrl_vl.train.optim import make_optimizer
-from jaxrl_vl.train.sft_step import make_sft_step, target_positions
+from jaxrl_vl.train.sft_step import make_sft_step
+from jaxrl_vl.train.step import Forward, ParamsView
 from jaxrl_vl.train.state import create_train_state
 
 OPTIM = ConfigDict(dict(learning_rate=1e-3, schedule="constant", warmup_steps=0, end_learning_rate_fraction=1.0,
@@ -33,7 +35,7 @@ def setup(tiny_model_dir):
 
 
 def _collate(config, renderer, accum):
-    return make_stacked_collate(config, grad_accum_steps=accum, max_length=128, loss_on="last",
+    return sft_collate_fn(config, grad_accum_steps=accum, max_length=128, loss_on="last",
                                 image_mean=renderer.image_mean, image_std=renderer.image_std, packing=False,
                                 pad_id=renderer.pad_token_id)
 
@@ -62,7 +64,7 @@ def test_grad_accumulation_equals_one_big_batch(setup):
     for accum in (1, 2):
         batch, host = split_host_stats(_collate(config, renderer, accum)([[e] for e in examples]))
         assert batch["input_ids"].shape[:2] == (accum, 4 // accum) and host["host_num_images"] == 4
-        step = make_sft_step(config, optimizer, schedule, donate=False)
+        step = make_sft_step(Forward(config), optimizer, schedule, donate=False)
         state = create_train_state(params, optimizer, jax.random.PRNGKey(0))
         new_state, metrics = step(state, batch)
         results.append((new_state, metrics))
@@ -85,7 +87,7 @@ def test_chunked_fused_loss_gives_the_full_logits_update(setup):
     batch, _ = split_host_stats(_collate(config, renderer, 2)([[e] for e in examples]))
     results = []
     for chunk in (0, 24):  # 24: rows of 128 tokens in 6 chunks
-        step = make_sft_step(config, optimizer, schedule, loss_chunk_size=chunk, donate=False)
+        step = make_sft_step(Forward(config, loss_chunk_size=chunk), optimizer, schedule, donate=False)
         results.append(step(create_train_state(params, optimizer, jax.random.PRNGKey(0)), batch))
     (plain, m_plain), (fused, m_fused) = results
     np.testing.assert_allclose(float(m_fused["loss"]), float(m_plain["loss"]), rtol=1e-5)
@@ -106,7 +108,7 @@ def test_logits_at_target_positions_only_give_the_same_update(setup, lm_head_lor
     lora_cfg = lora_lib.LoraConfig(rank=4, alpha=8.0, targets=("unembed",)) if lm_head_lora else None
     results = []
     for multiple in (0, 8):
-        collate = make_stacked_collate(config, grad_accum_steps=2, max_length=128, loss_on="last",
+        collate = sft_collate_fn(config, grad_accum_steps=2, max_length=128, loss_on="last",
                                        image_mean=renderer.image_mean, image_std=renderer.image_std, packing=False,
                                        pad_id=renderer.pad_token_id, target_positions_multiple=multiple)
         batch, _ = split_host_stats(collate([[e] for e in examples]))
@@ -118,7 +120,8 @@ def test_logits_at_target_positions_only_give_the_same_update(setup, lm_head_lor
         lora = None if lora_cfg is None else lora_lib.init_lora(params, lora_cfg, jax.random.PRNGKey(1))
         if lora is not None:  # B starts at 0; a nonzero B makes the adapter part of the logits
             lora = jax.tree.map(lambda a: a + 0.01, lora)
-        step = make_sft_step(config, optimizer, schedule, loss_chunk_size=16, donate=False, lora_overlay=overlay)
+        step = make_sft_step(Forward(config, loss_chunk_size=16), optimizer, schedule, ParamsView(lora_overlay=overlay),
+                             donate=False)
         results.append(step(create_train_state(params, optimizer, jax.random.PRNGKey(0), lora=lora), batch))
     (full, m_full), (picked, m_picked) = results
     assert float(m_picked["target_tokens"]) == float(m_full["target_tokens"]) > 0
@@ -135,8 +138,8 @@ def test_repeated_steps_reduce_the_loss_and_lora_trains_only_the_adapter(setup):
     lora_cfg = lora_lib.LoraConfig(rank=4, alpha=8.0, targets=("attention", "mlp"))
     lora = lora_lib.init_lora(params, lora_cfg, jax.random.PRNGKey(1))
     optimizer, schedule = make_optimizer(OPTIM.copy_and_resolve_references(), 10)
-    step = make_sft_step(config, optimizer, schedule, lora_overlay=lambda p, l: lora_lib.overlay(p, l, lora_cfg),
-                         donate=False)
+    step = make_sft_step(Forward(config), optimizer, schedule,
+                         ParamsView(lora_overlay=lambda p, l: lora_lib.overlay(p, l, lora_cfg)), donate=False)
     state = create_train_state(params, optimizer, jax.random.PRNGKey(0), lora=lora)
     losses = []
     for _ in range(5):

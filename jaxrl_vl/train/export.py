@@ -18,20 +18,12 @@ import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
 
 from jaxrl_vl import models
-
-
-def _to_host(tree):
-    """Arrays -> numpy on this host; across hosts, params sharded over several processes are
-    all-gathered first (every process must call this)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
+from jaxrl_vl.train.distributed import host_local
 
 
 def export_state(state, model_config, out_dir: str, *, copy_from: str | None, lora_cfg=None) -> str | None:
     """Export `state.params` (+ merged `state.lora`) to out_dir (process 0 writes); returns out_dir."""
-    params, lora = _to_host(state.params), _to_host(state.lora) if state.lora is not None else None
+    params, lora = host_local(state.params), host_local(state.lora) if state.lora is not None else None
     if jax.process_index() != 0:
         return None
     return export_params(params, lora, model_config, out_dir, copy_from=copy_from, lora_cfg=lora_cfg)

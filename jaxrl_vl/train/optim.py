@@ -48,13 +48,16 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def make_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """-> (optimizer, schedule). Apply to whatever tree is trained (full params or the LoRA tree)."""
+def make_optimizer(optim_config, total_steps: int, moment_dtype=None) -> tuple[optax.GradientTransformation,
+                                                                                optax.Schedule]:
+    """-> (optimizer, schedule). Apply to whatever tree is trained (full params or the LoRA tree).
+    moment_dtype: AdamW's first moment (None: the trained tree's dtype); the second moment always follows the
+    trained tree's dtype (train/precision.py)."""
     schedule = learning_rate_schedule(optim_config, total_steps)
     parts = []
     if float(optim_config.max_grad_norm) > 0:
         parts.append(optax.clip_by_global_norm(float(optim_config.max_grad_norm)))
     parts.append(optax.adamw(schedule, b1=float(optim_config.b1), b2=float(optim_config.b2),
                              eps=float(optim_config.eps), weight_decay=float(optim_config.weight_decay),
-                             mask=_decay_mask))
+                             mask=_decay_mask, mu_dtype=moment_dtype))
     return optax.chain(*parts), schedule

@@ -32,23 +32,6 @@ def checkpoint_dir(config, run_dir: str) -> str:
     return config.checkpoint.dir or os.path.join(run_dir, "checkpoints")
 
 
-def maybe_initialize_distributed(mode: str) -> bool:
-    """jax.distributed.initialize() for multi-host runs; returns whether it ran.
-
-    "auto" initializes on a multi-host Cloud TPU slice (TPU_WORKER_HOSTNAMES lists several hosts)
-    or when JAX_COORDINATOR_ADDRESS is set; JAX then finds its peers from the environment."""
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"distributed={mode!r}; choose 'auto', 'on' or 'off'")
-    if mode == "off":
-        return False
-    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    if mode == "on" or len(hosts) > 1 or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        import jax
-        jax.distributed.initialize()
-        return True
-    return False
-
-
 def save_run_config(config, run_dir: str) -> None:
     """RUN_DIR/config.json: the resolved config (export and plots read it back)."""
     path = os.path.join(run_dir, "config.json")
