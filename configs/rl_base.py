@@ -51,7 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
     rl.length_multiple = 256          # training rows padded to a multiple of this (few jit shapes)
     rl.patch_multiple = 256
     rl.drift_turns_logged = 8
-    rl.max_staleness = 0              # 0 = synchronous; 1 = generate step k+1 while training step k         # train/drift_turn_<k> for the first k turns
+    rl.max_staleness = 0              # 0 = synchronous; 1 = generate step k+1 while training step k
+    rl.eval_every_steps = 0           # > 0: held-out episodes every this many steps too (eval_step_<k>/ metrics)
+    rl.record_rollouts = False        # save each step's groups to RUN_DIR/rollouts (replayable)
+    rl.replay_rollouts_from = ""      # a RUN_DIR/rollouts folder: train on those groups, no vLLM (benchmarks, debugging)
 
     c.loss = loss = ml_collections.ConfigDict()
     loss.name = "ppo"                 # ppo | gspo | cispo | importance_sampling (jaxrl_vl.losses registry)

@@ -50,7 +50,9 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     sys.stderr.flush()
-    print(json.dumps(summary), flush=True)
+    from jaxrl_vl.train.distributed import is_main
+    if is_main():  # one process reports (every process returns the same summary)
+        print(json.dumps(summary), flush=True)
     return 0
 
 

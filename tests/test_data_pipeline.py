@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from jaxrl_vl.data import batching, sources
-from jaxrl_vl.data.pipeline import PipelineSpec, make_dataset, render_records, shard_for_host
+from jaxrl_vl.data.pipeline import PipelineSpec, make_dataset, render_records
 from jaxrl_vl.data.render import HFRenderer, RenderedExample
 from jaxrl_vl.data.validation import BadRecordError, DataReport
 from test_data_render import tiny_model_dir_for_data_tests
@@ -48,17 +48,19 @@ def test_seeded_shuffle_epochs_and_determinism():
     assert unshuffled == [f"e{i}" for i in range(10)]
 
 
-def test_host_sharding_is_disjoint_and_balanced():
-    items = list(range(11))
-    shards = [shard_for_host(items, i, 3) for i in range(3)]
-    assert [len(s) for s in shards] == [3, 3, 3]
-    assert sorted(sum(shards, [])) == list(range(9))
+def test_each_step_reads_the_same_examples_whatever_the_process_count():
     examples = _examples(11)
-    seen = [set(_flat(make_dataset(examples, PipelineSpec(batch_size=1, max_length=16, process_index=i,
-                                                          process_count=3), ids_of))) for i in range(3)]
-    assert all(len(s) == 3 for s in seen) and not (seen[0] & seen[1]) and not (seen[1] & seen[2])
+    one = list(make_dataset(examples, PipelineSpec(batch_size=6, max_length=16, num_epochs=2), ids_of))
+    hosts = [list(make_dataset(examples, PipelineSpec(batch_size=6, max_length=16, num_epochs=2, process_index=i,
+                                                      process_count=3), ids_of)) for i in range(3)]
+    assert all(len(h) == len(one) == 3 for h in hosts)  # 22 examples, cut to whole global batches of 6
+    for step, batch in enumerate(one):
+        assert sorted(_flat([h[step] for h in hosts])) == sorted(_flat([batch]))  # the same 6, 2 per host
+        assert not set(_flat([hosts[0][step]])) & set(_flat([hosts[1][step]]))
     with pytest.raises(ValueError, match="process_index"):
-        shard_for_host(items, 3, 3)
+        make_dataset(examples, PipelineSpec(batch_size=6, max_length=16, process_index=3, process_count=3), ids_of)
+    with pytest.raises(ValueError, match="multiple of the process count"):
+        make_dataset(examples, PipelineSpec(batch_size=4, max_length=16, process_count=3), ids_of)
 
 
 @pytest.mark.parametrize("packing", [False, True])

@@ -36,9 +36,10 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class PipelineSpec:
-    """batch_size: rows per step on this host. packing: first-fit several examples per row of
-    max_length tokens (rows fixed at max_length) instead of one example per row (rows padded to a
-    length bucket). num_epochs None repeats forever."""
+    """batch_size: rows per step, all processes together (this process collates batch_size /
+    process_count of them). packing: first-fit several examples per row of max_length tokens (rows fixed at
+    max_length) instead of one example per row (rows padded to a length bucket). num_epochs None repeats
+    forever."""
 
     batch_size: int
     max_length: int
@@ -139,15 +140,6 @@ class LazyRenderedRecords(collections.abc.Sequence):
         return example
 
 
-def shard_for_host(items: list, process_index: int, process_count: int) -> list:
-    """Every process_count-th item from process_index, after dropping the remainder so all hosts
-    get exactly len(items) // process_count items."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    usable = len(items) - len(items) % process_count
-    return items[:usable][process_index::process_count]
-
-
 class _PackedBatchIterator(grain.DatasetIterator):
     """Pulls examples and places each into the first of `num_rows` rows with room (first fit).
     A batch ends when an example fits nowhere; that example opens the next batch. The state is the
@@ -223,37 +215,52 @@ class _PrefetchDataset(grain.experimental.ThreadPrefetchIterDataset):
         return iterator
 
 
+def host_examples(num_examples: int, spec: PipelineSpec) -> grain.MapDataset:
+    """The example indices this process reads, in order: every process walks the same shuffled, repeated
+    stream and takes every process_count-th index from its own (so each global step's examples are the same
+    whatever the process count); finite streams are cut to whole global batches, so all hosts step in
+    lockstep."""
+    if not 0 <= spec.process_index < spec.process_count:
+        raise ValueError(f"process_index {spec.process_index} not in [0, {spec.process_count})")
+    if spec.batch_size % spec.process_count:
+        raise ValueError(f"batch_size={spec.batch_size} rows do not split over {spec.process_count} processes; "
+                         "make train.batch_size a multiple of the process count")
+    ds = grain.MapDataset.source(list(range(num_examples)))
+    if spec.shuffle:
+        ds = ds.shuffle(seed=spec.seed)  # reshuffled every epoch (grain mixes the epoch into the seed)
+    ds = ds.repeat(spec.num_epochs)
+    if spec.num_epochs is not None and spec.process_count > 1:
+        ds = ds[:len(ds) - len(ds) % spec.batch_size]
+    return ds[spec.process_index::spec.process_count]
+
+
 def make_dataset(examples: "list[RenderedExample] | LazyRenderedRecords", spec: PipelineSpec,
                  collate_fn: Callable[[list[list[RenderedExample]]], object]) -> grain.IterDataset:
-    """Rendered examples -> IterDataset of `collate_fn(rows)` where rows is a list of batch_size
-    lists of examples (one example per row unless packing). Only with drop_remainder off does the
-    last batch differ: fewer rows (unpacked) or some empty rows (packed). Iterate with `iter(ds)`;
-    the iterator has get_state/set_state (a small JSON-able dict).
+    """Rendered examples -> IterDataset of `collate_fn(rows)` where rows is this process's list of
+    batch_size / process_count lists of examples (one example per row unless packing). Only with
+    drop_remainder off does the last batch differ: fewer rows (unpacked) or some empty rows (packed).
+    Iterate with `iter(ds)`; the iterator has get_state/set_state (a small JSON-able dict).
 
-    Multi-host: every host gets the same number of examples, so unpacked batches stay in lockstep;
-    packed batch counts depend on example lengths and can differ per host, so use num_epochs=None
-    (the step count then decides the end) when packing on several hosts."""
+    Several processes: see host_examples. Packed batch counts depend on example lengths and can differ
+    per host, so use num_epochs=None (the step count then decides the end) when packing on several hosts."""
     if spec.batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {spec.batch_size}")
-    host_indices = shard_for_host(range(len(examples)), spec.process_index, spec.process_count)
-    if not host_indices:
-        raise ValueError(f"no examples for host {spec.process_index} of {spec.process_count} ({len(examples)} in all)")
     if not isinstance(examples, LazyRenderedRecords):  # lazy ones are truncated as they render
-        too_long = [examples[i].id for i in host_indices if examples[i].num_tokens > spec.max_length]
+        too_long = [e.id for e in examples if e.num_tokens > spec.max_length]
         if too_long:
             raise ValueError(f"{len(too_long)} examples exceed max_length={spec.max_length} (e.g. {too_long[:3]}); "
                              "render with the same max_length")
-    ds = grain.MapDataset.source(host_indices)
-    if spec.shuffle:
-        ds = ds.shuffle(seed=spec.seed)  # reshuffled every epoch (grain mixes the epoch into the seed)
-    ds = ds.repeat(spec.num_epochs).map(examples.__getitem__).filter(lambda example: example is not None)
+    if not len(examples):
+        raise ValueError("no examples to train on")
+    rows = spec.batch_size // spec.process_count
+    ds = host_examples(len(examples), spec).map(examples.__getitem__).filter(lambda example: example is not None)
     # One reader keeps the order (and so the resume point) trivially deterministic; rendering
     # (lazy mode) and collation still run ahead in the batch-prefetch thread.
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if spec.packing:
-        iter_ds = _PackedBatchDataset(iter_ds, spec.batch_size, spec.max_length, spec.drop_remainder)
+        iter_ds = _PackedBatchDataset(iter_ds, rows, spec.max_length, spec.drop_remainder)
     else:
-        iter_ds = iter_ds.batch(spec.batch_size, drop_remainder=spec.drop_remainder,
+        iter_ds = iter_ds.batch(rows, drop_remainder=spec.drop_remainder,
                                 batch_fn=lambda items: [[item] for item in items])
     iter_ds = iter_ds.map(collate_fn)
     if spec.prefetch_batches > 0:

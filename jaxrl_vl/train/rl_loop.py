@@ -88,7 +88,7 @@ def rl_step(config, trainer: Trainer, rollouts: Rollouts, update: RLUpdate, step
     if config.rl.save_samples and (step % config.rl.save_samples_every_steps == 0 or step == 1):
         rollouts.save_samples(groups, step)
     metrics.update({"time/rollout": t_rollout, "time/step": time.perf_counter() - t0,
-                    "rollout/server_restarts": float(rollouts.servers.supervisor.restarts)})
+                    "rollout/server_restarts": float(rollouts.restarts)})
     return trainer.end_step(step, metrics, bar_postfix=dict(reward=f"{metrics['rollout/reward_mean']:.3f}",
                                                             drift=f"{metrics.get('train/drift_mean', 0.0):.1e}"))
 

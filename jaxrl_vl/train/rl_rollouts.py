@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import glob
 import json
 import logging
 import os
+import pickle
 import threading
 
 import jax
@@ -27,6 +29,7 @@ from jaxrl_vl.rollout.client import VLLMClient
 from jaxrl_vl.rollout.supervisor import ServerSupervisor, run_supervised
 from jaxrl_vl.rollout.trajectory import rollout_metrics, save_sample
 from jaxrl_vl.train import distributed
+from jaxrl_vl.train.config_overrides import ConfigError
 from jaxrl_vl.train.distributed import host_local
 
 log = logging.getLogger("jaxrl_vl.rl")
@@ -150,8 +153,9 @@ class Rollouts:
         self.train_env = make_env(rl.env, **dict(rl.env_kwargs))
         self.eval_env = make_env(rl.env, **{**dict(rl.env_kwargs), **dict(rl.eval_env_kwargs)})
         self.loop = LoopThread()
-        self.servers = Servers(config, trainer.model_dir, trainer.run_dir)
         self.pushed_version, self.pending = trainer.start_step, None
+        self.replay = replay_folder(rl)
+        self.servers = None if self.replay else Servers(config, trainer.model_dir, trainer.run_dir)
 
     # ---- weights ---------------------------------------------------------------------------------------
     def _merged_params(self, state):
@@ -161,7 +165,10 @@ class Rollouts:
         return host_local(lora_lib.merge(state.params, state.lora, self.trainer.lora_cfg))
 
     def push(self, state, version: int, indices: list[int] | None = None) -> float:
-        """The state's weights into this process's servers as `version`; -> seconds."""
+        """The state's weights into this process's servers as `version`; -> seconds (0 when replaying)."""
+        if self.servers is None:
+            self.pushed_version = version
+            return 0.0
         clients = self.servers.clients if indices is None else [self.servers.clients[i] for i in indices]
         params = self._merged_params(state)
         try:
@@ -174,6 +181,10 @@ class Rollouts:
             return self._on_restart(restarted, version)
         self.pushed_version = version
         return seconds
+
+    @property
+    def restarts(self) -> int:
+        return 0 if self.servers is None else self.servers.supervisor.restarts
 
     def _on_restart(self, indices: list[int], version: int) -> float:
         """Restarted servers serve the base checkpoint: give them new clients and the trainer's current weights
@@ -194,7 +205,17 @@ class Rollouts:
 
     def collect(self, step: int) -> list[list]:
         """This process's groups of step `step`. Async mode (rl.max_staleness=1): step+1's episodes start now on
-        these weights and pick up the pushed ones mid-episode (vLLM drains in-flight requests on pause)."""
+        these weights and pick up the pushed ones mid-episode (vLLM drains in-flight requests on pause).
+        rl.replay_rollouts_from: the groups recorded for that step instead (no server); rl.record_rollouts
+        writes them (RUN_DIR/rollouts)."""
+        if self.replay:
+            return local_share(replay_step(self.replay, step))
+        groups = self._sample(step)
+        if self.rl.get("record_rollouts", False):
+            record_step(os.path.join(self.trainer.run_dir, "rollouts"), step, groups)
+        return groups
+
+    def _sample(self, step: int) -> list[list]:
         submit = lambda: self._submit(self.train_env, local_share(train_seeds(self.rl, step)),  # noqa: E731
                                       agent_config(self.rl), step)
         groups = self._supervised(submit, first=self.pending, what=f"the rollouts of step {step}")
@@ -221,6 +242,44 @@ class Rollouts:
     def close(self) -> None:
         if self.pending is not None:
             self.pending[0].cancel()
-        self.loop.run(self.servers.aclose())
-        self.servers.stop()
+        if self.servers is not None:
+            self.loop.run(self.servers.aclose())
+            self.servers.stop()
         self.loop.close()
+
+
+def replay_folder(rl) -> str:
+    """rl.replay_rollouts_from, checked: recorded groups replace sampling (no vLLM server, no weight push, so no
+    held-out episodes either)."""
+    folder = rl.get("replay_rollouts_from", "")
+    if not folder:
+        return ""
+    if not os.path.isdir(folder):
+        raise ConfigError(f"rl.replay_rollouts_from={folder!r} is not a folder of recorded rollouts "
+                          "(RUN_DIR/rollouts of a run with rl.record_rollouts=True)")
+    if rl.eval_episodes or rl.get("eval_every_steps", 0):
+        raise ConfigError("rl.replay_rollouts_from replays recorded rollouts without a vLLM server, so it cannot "
+                          "play held-out episodes: set rl.eval_episodes=0 and rl.eval_every_steps=0")
+    return folder
+
+
+def record_step(folder: str, step: int, groups: list[list]) -> None:
+    """This process's groups of one step -> folder/step_<step>.p<process>.pkl (written whole, then renamed)."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step_{step:05d}.p{jax.process_index()}.pkl")
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(groups, f)
+    os.replace(path + ".tmp", path)
+
+
+def replay_step(folder: str, step: int) -> list[list]:
+    """Every process's recorded groups of one step, in group order (so any process count replays the same)."""
+    paths = sorted(glob.glob(os.path.join(folder, f"step_{step:05d}.p*.pkl")))
+    if not paths:
+        raise FileNotFoundError(f"{folder} has no recorded rollouts for RL step {step} (step_{step:05d}.p*.pkl); "
+                                "record at least train.num_steps steps")
+    groups = []
+    for path in paths:
+        with open(path, "rb") as f:
+            groups += pickle.load(f)
+    return sorted(groups, key=lambda g: g[0].env_seed)  # the step's seeds are distinct, in group order

@@ -66,10 +66,14 @@ def _pipeline_spec(config) -> PipelineSpec:
 
 
 def _train_steps(trainer: Trainer, step_fn, iterator) -> tuple[int, dict]:
-    """Steps start_step+1 .. train.num_steps -> (last step, last train metrics)."""
+    """Steps start_step+1 .. train.num_steps -> (last step, last train metrics).
+
+    A step's metrics are fetched after the next step is dispatched (the host prepares and dispatches step k+1
+    while the device runs step k), except where a checkpoint or a hook is due, which need the step's own state.
+    `train/step_seconds` is the time from one fetch to the next: the steady-state period of a step."""
     config = trainer.config
     last_train: dict = {}
-    step = trainer.start_step
+    pending, step, clock = None, trainer.start_step, time.perf_counter()
     for step in range(trainer.start_step + 1, config.train.num_steps + 1):
         data_start = time.perf_counter()
         try:
@@ -80,21 +84,37 @@ def _train_steps(trainer: Trainer, step_fn, iterator) -> tuple[int, dict]:
             step -= 1
             break
         batch, host = trainer.place(batch), distributed.sum_over_processes(host, "sft_host_stats")
-        step_start = time.perf_counter()
+        data_seconds = time.perf_counter() - data_start
         trainer.state, metrics = step_fn(trainer.state, batch)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        seconds = time.perf_counter() - step_start
-        last_train = {f"train/{k}": v for k, v in metrics.items()}
-        last_train.update({f"train/{k}": v for k, v in trainer.throughput(
-            seconds=seconds, tokens=metrics["tokens"], seq_len=int(batch["input_ids"].shape[-1]),
-            num_patches=host["host_num_patches"], num_images=host["host_num_images"],
-            logit_tokens=metrics["target_tokens"] if "target_positions" in batch else None).items()})
-        last_train.update({"train/step_seconds": seconds, "time/data": step_start - data_start})
-        accuracy = trainer.hooked.get(f"eval/{config.data.eval_split}_accuracy")
-        trainer.end_step(step, last_train, log_now=step % config.train.log_every_steps == 0, bar_postfix=dict(
-            loss=f"{metrics['loss']:.4f}", tok_s=f"{last_train['train/tokens_per_second']:.0f}",
-            **({"acc": f"{accuracy:.2f}"} if accuracy is not None else {})))
+        if pending is not None:
+            last_train, clock = _end_step(trainer, *pending, clock)
+        pending = (step, metrics, batch, host, data_seconds)
+        if trainer.needs_state(step):
+            last_train, clock = _end_step(trainer, *pending, clock)
+            pending = None
+    if pending is not None:
+        last_train, clock = _end_step(trainer, *pending, clock)
     return step, last_train
+
+
+def _end_step(trainer: Trainer, step: int, metrics, batch: dict, host: dict, data_seconds: float,
+              clock: float) -> tuple[dict, float]:
+    """Fetch a step's metrics (waits for it), add throughput, log; -> (train metrics, the fetch time)."""
+    config = trainer.config
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.perf_counter()
+    seconds = now - clock
+    train = {f"train/{k}": v for k, v in metrics.items()}
+    train.update({f"train/{k}": v for k, v in trainer.throughput(
+        seconds=seconds, tokens=metrics["tokens"], seq_len=int(batch["input_ids"].shape[-1]),
+        num_patches=host["host_num_patches"], num_images=host["host_num_images"],
+        logit_tokens=metrics["target_tokens"] if "target_positions" in batch else None).items()})
+    train.update({"train/step_seconds": seconds, "time/data": data_seconds})
+    accuracy = trainer.hooked.get(f"eval/{config.data.eval_split}_accuracy")
+    trainer.end_step(step, train, log_now=step % config.train.log_every_steps == 0, bar_postfix=dict(
+        loss=f"{metrics['loss']:.4f}", tok_s=f"{train['train/tokens_per_second']:.0f}",
+        **({"acc": f"{accuracy:.2f}"} if accuracy is not None else {})))
+    return train, time.perf_counter()
 
 
 def _finish(config, trainer: Trainer, final_step: int, last_train: dict, final_eval: dict) -> dict:

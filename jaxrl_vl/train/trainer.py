@@ -174,6 +174,12 @@ class Trainer:
     def add_hook(self, fn: Callable[[int], dict | None], *, every: int, name: str, at_end: bool = False) -> None:
         self.hooks.append(Hook(fn, every, name, at_end))
 
+    def needs_state(self, step: int) -> bool:
+        """Whether step `step` must be finished before the next one starts: a checkpoint or a hook is due (they
+        read the state of that step), or it is the last."""
+        hooks_due = any(h.every > 0 and step % h.every == 0 for h in self.hooks)
+        return step % self.store.every_steps == 0 or hooks_due or step >= self.total_steps
+
     def run_hooks(self, step: int, *, final: bool = False) -> dict:
         out: dict = {}
         for hook in self.hooks:
