@@ -1,7 +1,7 @@
 """Session fixtures shared by the test suite.
 
 - `tiny_model_dirs`: {"qwen3_vl": dir, "qwen2_5_vl": dir}, tiny random checkpoints built by
-  tools/make_tiny_model.py into a cache folder keyed by the builder's source hash (built once,
+  jaxrl_vl/models/tiny_checkpoint.py (tools/make_tiny_model.py) into a cache folder keyed by the builder's source hash (built once,
   a few seconds; later sessions reuse them). Treat them as read-only.
 - `tiny_model_dir`: the qwen3_vl one. `small_model_dirs`: the same for `--size small`.
 - `vllm_server`: a real CPU vLLM server (jaxrl_vl.rollout.server) on the qwen3_vl tiny
@@ -9,7 +9,6 @@
   Needs .venv-vllm (`make install-vllm`).
 """
 import hashlib
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -18,29 +17,21 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TOOLS = REPO / "tools"
-TINY_MODEL_SOURCES = [TOOLS / "make_tiny_model.py", *sorted((TOOLS / "tiny_model_assets").glob("*.*"))]
 TINY_MODEL_CACHE = Path(os.environ.get("JAXRL_VL_CACHE", Path.home() / ".cache" / "jaxrl_vl")) / "tiny_models"
-
-
-def _make_tiny_model_module():
-    spec = importlib.util.spec_from_file_location("make_tiny_model", TOOLS / "make_tiny_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_model_path(arch: str, size: str = "tiny") -> Path:
     """Builds (once per builder version) and returns the checkpoint folder for arch/size."""
+    from jaxrl_vl.models import tiny_checkpoint
+
     digest = hashlib.sha256()
-    for source in TINY_MODEL_SOURCES:
-        if source.suffix in (".py", ".jinja"):
-            digest.update(source.name.encode() + source.read_bytes())
+    for source in tiny_checkpoint.SOURCES:
+        digest.update(source.name.encode() + source.read_bytes())
     folder = TINY_MODEL_CACHE / digest.hexdigest()[:16] / f"{arch}-{size}"
     if not (folder / "model.safetensors").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{arch}-{size}-"))
-        _make_tiny_model_module().build(staging, arch=arch, size=size)
+        tiny_checkpoint.build(staging, arch=arch, size=size)
         try:
             staging.rename(folder)  # atomic: concurrent sessions never see a half-written folder
         except OSError:

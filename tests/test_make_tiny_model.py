@@ -1,6 +1,6 @@
-"""tools/make_tiny_model.py: deterministic bytes, loads in transformers, image tokens, chat template."""
+"""The offline checkpoint builder (jaxrl_vl/models/tiny_checkpoint.py, CLI tools/make_tiny_model.py): deterministic
+bytes, loads in transformers, image tokens, chat template."""
 import hashlib
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,14 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("make_tiny_model", REPO / "tools" / "make_tiny_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_tiny_model = _load_tool()
+from jaxrl_vl.models import tiny_checkpoint as make_tiny_model  # noqa: E402
 
 
 def _digests(folder: Path) -> dict[str, str]:

@@ -16,8 +16,8 @@ import numpy as np
 TOOLS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS_DIR))
 sys.path.insert(0, str(TOOLS_DIR.parent))
-import make_tiny_model as mtm  # noqa: E402  (numpy + the local tokenizer assets only)
-from tiny_model_assets.tokenizer import QWEN_ADDED_TOKENS, QWEN_BASE_VOCAB_SIZE  # noqa: E402
+from jaxrl_vl.models import tiny_checkpoint as mtm  # noqa: E402  (numpy + the tokenizer builder only)
+from jaxrl_vl.models.tiny_tokenizer import QWEN_ADDED_TOKENS, QWEN_BASE_VOCAB_SIZE  # noqa: E402
 
 # CPU-sized shapes for developing the benchmark: make_tiny_model's tiny/small qwen3_vl shapes.
 TINY_LIKES = {"tiny": "tiny", "small": "small"}
@@ -29,7 +29,7 @@ def like_choices() -> list[str]:
 
 
 def hf_config_dict(like: str) -> dict:
-    """config.json dict of the `--like` model (tools/make_tiny_model.py shapes, no weights written)."""
+    """config.json dict of the `--like` model (tiny_checkpoint's shapes, no weights written)."""
     if like in mtm.LIKE:
         spec = dict(mtm.LIKE[like], real=True)
         arch, vocab, tie = spec["arch"], spec["vocab"], spec["tie"]

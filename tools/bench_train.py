@@ -9,10 +9,12 @@ transformers + PyTorch on the same batch, in the same run. The last line printed
 
 Weights are random, drawn directly on the device(s) in JAX (no checkpoint is written or read); the
 PyTorch reference builds transformers' model from the same config.json dict with its own random init
-(same shapes; values don't matter for speed). bf16 compute, fp32 master weights and fp32 AdamW states
-(LoRA: frozen base weights stored in bf16, adapters fp32); `--param-dtype bfloat16` stores the trained
-weights and both AdamW moments in bf16 instead, the recipe of the PyTorch reference. The loss is chunked
-cross-entropy over the final hidden states, so no full [B, L, V] fp32 logits ever exist. The PyTorch reference
+(same shapes; values don't matter for speed). The step is the trainer's own (train/sft_step.make_sft_step, the
+one `launch/train.py` runs) with the trainer's optimizer (AdamW, global-norm clip 1.0, cosine schedule): bf16
+compute, fp32 master weights and fp32 AdamW states (LoRA: frozen base weights stored in bf16, adapters fp32);
+`--param-dtype bfloat16` stores the trained weights and both AdamW moments in bf16 instead, the recipe of the
+PyTorch reference. The loss is the trainer's chunked (fused) cross-entropy over the final hidden states, so no
+full [B, L, V] fp32 logits ever exist. The PyTorch reference
 (tools/bench_torch.py) runs first in its own process so the two frameworks never share GPU memory.
 """
 from __future__ import annotations
@@ -59,11 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layer-loop", default="scan", choices=("scan", "unrolled"),
                    help="text decoder layers under lax.scan or a Python loop (models.text.decoder)")
     p.add_argument("--loss-chunk", type=int, default=1024, help="sequence positions per cross-entropy chunk")
-    p.add_argument("--loss", default="fused", choices=("fused", "logprobs"),
-                   help="fused: the cross-entropy's gradient formed in its forward pass (losses/fused_nll.py, what "
-                        "the SFT step uses); logprobs: per-token logprobs first, their gradient in the backward "
-                        "(what RL losses need)")
-    p.add_argument("--loss-unroll", type=int, default=1, help="fused loss: chunks per loop iteration")
     p.add_argument("--target-positions-multiple", type=int, default=256,
                    help="logits only at the positions a target follows (the trainer's "
                         "train.target_positions_multiple; not image or padding positions), their count rounded up "
@@ -153,45 +150,25 @@ def init_params(config, seed: int, dtype, shardings_of=None, unstacked: bool = F
     return params if shardings_of is None else jax.device_put(params, shardings_of(params))
 
 
-def make_step(config, optimizer, args, lora_cfg, out_shardings=None, mesh=None):
-    """jitted step(trainable, opt_state, frozen, batch) -> (trainable, opt_state, loss); the trained
-    tree and the optimizer state are donated (updated in place). out_shardings pins the outputs to the
-    inputs' placement, so step i's outputs are valid inputs of step i+1 of the compiled program. mesh:
-    traced under it so the model's activations stay split by batch (jaxrl_vl.activation_sharding)."""
-    import jax
+def make_step(config, args, lora_cfg, optimizer, schedule, state, mesh):
+    """The trainer's own SFT step (train/sft_step.make_sft_step on train/step.py) for this run's settings: what
+    `launch/train.py` builds from model.dtype/attention/layer_loop/remat, train.loss_chunk_size,
+    train.cast_once_per_step and mesh.fsdp_gather. The state is donated (updated in place) and its placement
+    pinned, so step i's outputs are valid inputs of step i+1 of the compiled program."""
     import jax.numpy as jnp
-    import optax
-    from jaxrl_vl import models, sharding
-    from jaxrl_vl.activation_sharding import traced_under_mesh
-    from jaxrl_vl.losses.fused_nll import chunked_weighted_nll
-    from jaxrl_vl.losses.sft import chunked_token_logprobs
+    from jaxrl_vl import sharding
     from jaxrl_vl.models.lora import overlay
-    from jaxrl_vl.train.sft_step import at_target_positions, compute_copy, shifted_targets
+    from jaxrl_vl.train.sft_step import make_sft_step
+    from jaxrl_vl.train.state import state_shardings
+    from jaxrl_vl.train.step import Forward, ParamsView
 
-    def loss_fn(trainable, frozen, batch):
-        if not args.no_cast_params:
-            trainable = compute_copy(trainable, jnp.bfloat16)
-        if args.fsdp_gather == "step" and mesh is not None:
-            trainable = sharding.gathered_once(trainable, mesh)
-        params = trainable if lora_cfg is None else overlay(frozen, trainable, lora_cfg)
-        hidden = models.apply(params, batch, config, dtype=jnp.bfloat16, remat=args.remat, return_hidden=True,
-                              attention=args.attention, layer_loop=args.layer_loop)
-        targets, weights = shifted_targets(batch)
-        weights = weights / jnp.maximum(jnp.sum(weights), 1.0)
-        hidden, targets, weights = at_target_positions(batch, hidden, targets, weights)
-        unembed = models.unembedding(params, config)
-        if args.loss == "fused" and not callable(unembed):
-            return chunked_weighted_nll(hidden, unembed, targets, weights, chunk_size=args.loss_chunk,
-                                        unroll=args.loss_unroll)
-        logprobs = chunked_token_logprobs(hidden, unembed, targets, chunk_size=args.loss_chunk, dtype=hidden.dtype)
-        return jnp.sum(-logprobs * weights)
-
-    def step(trainable, opt_state, frozen, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return jax.jit(traced_under_mesh(step, mesh), donate_argnums=(0, 1), out_shardings=out_shardings)
+    forward = Forward(config, dtype=jnp.bfloat16, remat=args.remat, layer_loop=args.layer_loop,
+                      attention=args.attention, loss_chunk_size=args.loss_chunk)
+    view = ParamsView(jnp.bfloat16, cast_once=not args.no_cast_params,
+                      lora_overlay=None if lora_cfg is None else (lambda p, lo: overlay(p, lo, lora_cfg)),
+                      gather_mesh=mesh if args.fsdp_gather == "step" and args.mesh > 1 else None)
+    return make_sft_step(forward, optimizer, schedule, view, mesh=mesh, donate=True,
+                         state_shardings=state_shardings(state), metrics_sharding=sharding.replicated(mesh))
 
 
 def time_vision_tower(visual_params, config, batch, remat: str, repeats: int = 3) -> dict:
@@ -222,104 +199,139 @@ def time_vision_tower(visual_params, config, batch, remat: str, repeats: int = 3
     return {"vision_fwd_bwd_s": float(np.median(times)), "vision_compile_s": compile_s}
 
 
-def run_jax(args, config, rows) -> dict:
+def bench_optimizer(args, num_steps: int):
+    """The trainer's optimizer (train/optim.make_optimizer) with configs/base.py's settings: AdamW with global-norm
+    clipping and the cosine schedule; --param-dtype bfloat16 also stores the first moment in bf16."""
+    import jax.numpy as jnp
+    from jaxrl_vl.train.config_overrides import load_config_file
+    from jaxrl_vl.train.optim import make_optimizer
+
+    optim = load_config_file(str(Path(__file__).resolve().parents[1] / "configs" / "base.py")).optim
+    optim.learning_rate, optim.warmup_steps = 1e-5, 0
+    return make_optimizer(optim, num_steps, jnp.bfloat16 if args.param_dtype == "bfloat16" else None)
+
+
+def init_state(args, config, mesh, optimizer):
+    """TrainState of random params (LoRA: a bf16 frozen base and fp32 adapters, bf16 with --param-dtype
+    bfloat16), placed by the trainer's sharding rules."""
     import jax
     import jax.numpy as jnp
-    import optax
-    from jaxrl_vl import models, sharding
+    from jaxrl_vl import sharding
     from jaxrl_vl.models.lora import LoraConfig, init_lora
-    from jaxrl_vl.train.sft_step import target_positions
+    from jaxrl_vl.train.state import create_train_state
 
-    devices = jax.devices()[:args.mesh]
-    if len(devices) < args.mesh:
-        raise SystemExit(f"--mesh {args.mesh} needs {args.mesh} devices, found {len(jax.devices())}")
-    mesh = sharding.make_mesh(fsdp=args.mesh, devices=devices)
-    shardings_of = lambda tree: sharding.param_shardings(tree, mesh)  # noqa: E731
-
-    started = time.perf_counter()
     bf16_states = args.param_dtype == "bfloat16"
-    param_dtype = jnp.bfloat16 if args.lora or bf16_states else jnp.float32  # LoRA: frozen base in bf16
+    param_dtype = jnp.bfloat16 if args.lora or bf16_states else jnp.float32
     # The unrolled loop reads per-layer params (no slicing of a stack inside the step): store them unstacked.
-    params = init_params(config, args.seed, param_dtype, shardings_of, unstacked=args.layer_loop == "unrolled")
-    lora_cfg, frozen, trainable = None, None, params
+    params = init_params(config, args.seed, param_dtype, lambda tree: sharding.param_shardings(tree, mesh),
+                         unstacked=args.layer_loop == "unrolled")
+    lora_cfg, lora = None, None
     if args.lora:
         lora_cfg = LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank), targets=("attention", "mlp"))
         lora = init_lora(params, lora_cfg, jax.random.PRNGKey(args.seed + 1))
         if bf16_states:
             lora = jax.tree.map(lambda a: a.astype(jnp.bfloat16), lora)
-        trainable, frozen = jax.device_put(lora, shardings_of(lora)), params
-    # bf16 states: the first moment in bf16 (mu_dtype), the second follows the (bf16) params, as torch's AdamW
-    optimizer = optax.adamw(1e-5, weight_decay=0.0, mu_dtype=jnp.bfloat16 if bf16_states else None)
-    opt_state = jax.jit(optimizer.init)(trainable)
-    # scalars the init creates from nothing (Adam's count) land on one device: replicate them on the mesh
-    opt_state = jax.tree.map(lambda a: a if len(a.sharding.device_set) == len(devices)
-                             else jax.device_put(a, sharding.replicated(mesh)), opt_state)
-    batch = models.make_batch(rows, config, pad_to_length=args.seq_len)
-    batch = {k: v for k, v in batch.items() if k != "image_grid_thw"}  # host-side only
-    if args.target_positions_multiple > 0:
-        batch["target_positions"] = target_positions(batch["loss_mask"], args.target_positions_multiple)
-    # The vision tower runs on [slots, slot_len] (same-size frames: one per slot; models.vision_inputs), split over
-    # the FSDP devices when they divide the slot count.
-    vision_slots = list(np.shape(batch["vision_slot_patches"])) if "vision_slot_patches" in batch else None
-    batch = sharding.shard_batch(batch, mesh)
-    jax.block_until_ready((trainable, opt_state, batch))
-    init_s = time.perf_counter() - started
+        lora = sharding.shard_params(lora, mesh)
+    return create_train_state(params, optimizer, jax.random.PRNGKey(args.seed), lora=lora, mesh=mesh), lora_cfg
 
-    placement = lambda tree: jax.tree.map(lambda a: a.sharding, tree)  # noqa: E731
-    out_shardings = (placement(trainable), placement(opt_state), sharding.replicated(mesh))
-    # If the requested cuDNN attention does not lower on this machine, fall back (and say so) rather
-    # than lose the run: cudnn_causal -> cudnn (mask as bias) -> xla.
+
+def compile_step(args, config, lora_cfg, optimizer, schedule, state, batch, mesh):
+    """-> (compiled step, attention used, compile errors). If the requested cuDNN attention does not lower on
+    this machine, fall back (and say so) rather than lose the run: cudnn_causal -> cudnn (mask as bias) -> xla."""
+    import jax
     fallbacks = {"cudnn_causal": "cudnn", "cudnn": "xla", "auto": "xla"}
     attention, errors = args.attention, []
     if jax.default_backend() != "gpu" and attention.startswith("cudnn"):
         attention = "xla"  # cuDNN exists on GPUs only
     while True:
-        step = make_step(config, optimizer, argparse.Namespace(**{**vars(args), "attention": attention}),
-                         lora_cfg, out_shardings, mesh)
-        started = time.perf_counter()
+        step = make_step(config, argparse.Namespace(**{**vars(args), "attention": attention}), lora_cfg, optimizer,
+                         schedule, state, mesh)
         try:
-            compiled = step.lower(trainable, opt_state, frozen, batch).compile()
-            break
+            return step.lower(state, batch).compile(), attention, errors
         except Exception as error:  # noqa: BLE001 - reported in the summary, then the next implementation
             errors.append(f"attention={attention}: {type(error).__name__}: {str(error)[:600]}")
             print("compile failed:", errors[-1], file=sys.stderr, flush=True)
             if attention not in fallbacks:
                 raise
             attention = fallbacks[attention]
-    compile_s = time.perf_counter() - started
+
+
+def stacked_batch(args, config, rows, mesh) -> dict:
+    """The rows as the trainer's collate stacks them ([1, B, ...], one micro-batch), placed on the mesh."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+    from jaxrl_vl import models, sharding
+    from jaxrl_vl.losses.target_positions import target_positions
+
+    batch = models.make_batch(rows, config, pad_to_length=args.seq_len)
+    batch = {k: v for k, v in batch.items() if k != "image_grid_thw"}  # host-side only
+    if args.target_positions_multiple > 0:
+        batch["target_positions"] = target_positions(batch["loss_mask"], args.target_positions_multiple)
+    inner = sharding.batch_shardings(batch, mesh)
+    return {k: jax.device_put(v[None], NamedSharding(mesh, PartitionSpec(None, *inner[k].spec)))
+            for k, v in batch.items()}
+
+
+def time_steps(compiled, state, batch, steps: int):
+    """-> (state, synced step times after 2 warm-up steps, losses, steady-state seconds per step)."""
+    import jax
     step_times, losses = [], []
-    for i in range(args.steps + 2):
+    for i in range(steps + 2):
         started = time.perf_counter()
-        trainable, opt_state, loss = compiled(trainable, opt_state, frozen, batch)
-        losses.append(float(loss))  # synchronises
+        state, metrics = compiled(state, batch)
+        losses.append(float(metrics["loss"]))  # synchronises
         if i >= 2:
             step_times.append(time.perf_counter() - started)
     # Steady state, the headline: the same number of steps back to back and one wait at the end, so the host
     # dispatches step i+1 while the device runs step i (a training loop that does not block on every loss;
     # the PyTorch reference is timed the same way). step_s_synced: each step waited for on its own.
     started = time.perf_counter()
-    for _ in range(args.steps):
-        trainable, opt_state, loss = compiled(trainable, opt_state, frozen, batch)
-    jax.block_until_ready((trainable, opt_state, loss))
-    pipelined_s = (time.perf_counter() - started) / args.steps
+    for _ in range(steps):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    return state, step_times, losses, (time.perf_counter() - started) / steps
+
+
+def run_jax(args, config, rows) -> dict:
+    import jax
+    from jaxrl_vl import models, sharding
+
+    devices = jax.devices()[:args.mesh]
+    if len(devices) < args.mesh:
+        raise SystemExit(f"--mesh {args.mesh} needs {args.mesh} devices, found {len(jax.devices())}")
+    mesh = sharding.make_mesh(fsdp=args.mesh, devices=devices)
+    started = time.perf_counter()
+    optimizer, schedule = bench_optimizer(args, 2 * args.steps + 2)
+    state, lora_cfg = init_state(args, config, mesh, optimizer)
+    batch = stacked_batch(args, config, rows, mesh)
+    # The vision tower runs on [slots, slot_len] (same-size frames: one per slot; models.vision_inputs), split over
+    # the FSDP devices when they divide the slot count.
+    vision_slots = list(np.shape(batch["vision_slot_patches"]))[1:] if "vision_slot_patches" in batch else None
+    jax.block_until_ready((state, batch))
+    init_s = time.perf_counter() - started
+    started = time.perf_counter()
+    compiled, attention, errors = compile_step(args, config, lora_cfg, optimizer, schedule, state, batch, mesh)
+    compile_s = time.perf_counter() - started
+    state, step_times, losses, pipelined_s = time_steps(compiled, state, batch, args.steps)
     peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in devices)
     extra = {}
     if args.profile:
         import profile_summary
         with jax.profiler.trace(args.profile):
             for _ in range(2):
-                trainable, opt_state, loss = compiled(trainable, opt_state, frozen, batch)
-            float(loss)
+                state, metrics = compiled(state, batch)
+            float(metrics["loss"])
         extra["profile"] = profile_summary.summarize(args.profile, steps=2, top=100)
         print(profile_summary.format_table(extra["profile"]), file=sys.stderr, flush=True)
     if args.breakdown and not args.lora:
-        extra = time_vision_tower(trainable["model"]["visual"], config, batch, args.remat)
+        extra = time_vision_tower(state.params["model"]["visual"], config, {k: v[0] for k, v in batch.items()},
+                                  args.remat)
     return {**extra, "vision_slots": vision_slots, "step_s": pipelined_s, "step_s_synced": float(np.median(step_times)),
-            "step_s_synced_all": step_times, "compile_s": compile_s,
-            "init_s": init_s, "attention_used": attention, "compile_errors": errors, "peak_memory_gib": peak / 2**30, "loss_first_last": [losses[0], losses[-1]],
-            "num_params": models.num_params(params),
-            "params_layout": "unstacked" if models.is_unstacked(params) else "stacked",
-            "num_trainable": models.num_params(trainable), "devices": [d.device_kind for d in devices]}
+            "step_s_synced_all": step_times, "compile_s": compile_s, "init_s": init_s, "attention_used": attention,
+            "compile_errors": errors, "peak_memory_gib": peak / 2**30, "loss_first_last": [losses[0], losses[-1]],
+            "num_params": models.num_params(state.params),
+            "params_layout": "unstacked" if models.is_unstacked(state.params) else "stacked",
+            "num_trainable": models.num_params(state.trainable), "devices": [d.device_kind for d in devices]}
 
 
 def main(argv=None) -> dict:
@@ -361,7 +373,7 @@ def main(argv=None) -> dict:
         "card": jax.devices()[0].device_kind, "backend": jax.default_backend(), "gpus": args.mesh,
         "like": args.like, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "images_per_row": args.images_per_row, "image_size": args.image_size, "lora": args.lora,
-        "remat": args.remat, "layer_loop": args.layer_loop, "loss": args.loss,
+        "remat": args.remat, "layer_loop": args.layer_loop,
         "target_positions_multiple": args.target_positions_multiple, "logit_tokens": logit_tokens or tokens,
         "params_layout": jax_result["params_layout"], "attention": args.attention,
         "cast_params_bf16": not args.no_cast_params,

@@ -9,8 +9,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 
@@ -42,25 +40,29 @@ def save_run_config(config, run_dir: str) -> None:
 
 
 def ensure_model_dir(model_config) -> str:
-    """The base checkpoint folder; built with tools/make_tiny_model.py when `model.build_size` is
-    set and the folder is missing (written to a temporary folder, then renamed: never half-built)."""
+    """The base checkpoint folder: a local folder with config.json, a Hugging Face hub id (owner/name, fetched
+    into the HF cache), or built offline (models/tiny_checkpoint.py) when `model.build_size` is set and the
+    folder is missing (written to a temporary folder, then renamed: never half-built)."""
     path = os.path.abspath(model_config.path) if model_config.path else ""
     if path and os.path.exists(os.path.join(path, "config.json")):
         return path
     if not model_config.build_size:
+        if model_config.path and not os.path.exists(model_config.path):
+            from jaxrl_vl.models.checkpoint import _resolve_dir
+            return _resolve_dir(model_config.path)
         raise FileNotFoundError(
-            f"model.path={model_config.path!r} has no config.json; point it at a HF checkpoint folder or set "
-            f"model.build_size=tiny|small to build one with tools/make_tiny_model.py")
+            f"model.path={model_config.path!r} has no config.json; point it at a HF checkpoint folder or hub id, or set "
+            f"model.build_size=tiny|small to build one offline (tools/make_tiny_model.py)")
     if not path:
         raise ValueError("model.build_size is set but model.path is empty: say where to build the model")
+    from jaxrl_vl.models.tiny_checkpoint import build
     tmp = f"{path}.building-{os.getpid()}"
-    command = [sys.executable, os.path.join(REPO_ROOT, "tools", "make_tiny_model.py"), "--arch", model_config.arch,
-               "--size", model_config.build_size, "--out", tmp]
     log.warning("building the %s %s model into %s", model_config.build_size, model_config.arch, path)
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
+    try:
+        build(tmp, arch=model_config.arch, size=model_config.build_size)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+        raise
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
         os.rename(tmp, path)

@@ -1,6 +1,6 @@
 """Deterministic byte-level BPE tokenizer with the Qwen special tokens, trained offline.
 
-Used by tools/make_tiny_model.py. The corpus is synthetic and seeded (English text of the kind the
+Used by jaxrl_vl/models/tiny_checkpoint.py (tools/make_tiny_model.py). The corpus is synthetic and seeded (English text of the kind the
 envs produce, chat boilerplate, tags such as `<action>left</action>`, numbers, JSON tool calls,
 LaTeX). Byte-level BPE can express any text whatever the merges; the merges only make the text the
 envs use short. Training runs single-threaded so the merges (and the file bytes) never change.
