@@ -19,7 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.build_size = ""    # "tiny" | "small": build model.path with tools/make_tiny_model.py if missing
     c.model.arch = "qwen3_vl"  # arch used when building ("qwen3_vl" | "qwen2_5_vl")
     c.model.random_init = False  # train from freshly initialised weights of the checkpoint's config
-    c.model.dtype = "float32"  # compute dtype ("float32" | "bfloat16"); master weights stay fp32
+    c.model.dtype = "float32"  # compute dtype ("float32" | "bfloat16")
+    c.model.param_dtype = "float32"  # stored dtype of the model params ("float32" | "bfloat16"; LoRA adapters stay fp32)
+    c.model.attention = "auto"  # text attention: "auto" (cuDNN on GPU in bf16, else XLA) | "xla" | "cudnn" | "cudnn_causal" (unpacked rows only)
     c.model.remat = "none"     # activation rematerialisation policy of models.apply
     # "scan": lax.scan over stacked layers (fast compile); "unrolled": params stored as per-layer lists and run
     # by a Python loop (GPU: the fastest steps, see README Performance; compiles take minutes at 2B scale)
@@ -36,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = 1
     c.mesh.fsdp = -1
     c.mesh.tensor = 1
-    c.mesh.fsdp_gather = "use"  # SFT: "use" = XLA gathers each weight where used (ZeRO-3); "step" = the compute-dtype copy gathered once per micro-batch, gradient reduce-scattered (faster on 2 GPUs, one more model copy)
+    c.mesh.fsdp_gather = "use"  # "use" = XLA gathers each weight where used (ZeRO-3); "step" = the compute-dtype copy gathered once per micro-batch, gradient reduce-scattered (faster on 2 GPUs, one more model copy)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "digits"   # "digits" | "image_folder" | "jsonl" | "hf_disk" | "maze2d"
@@ -59,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.loss_chunk_size = 0  # >0: cross-entropy over hidden states in chunks of this many tokens (no full logits; SFT forms the gradient in the forward pass: losses/fused_nll.py)
     c.train.target_positions_multiple = 0  # >0 (with loss_chunk_size; SFT and RL): logits only where a target follows, their count rounded up to this multiple (each count is a compiled shape)
     c.train.peak_flops_per_device = 0.0  # for MFU; 0 = from the device kind (rough on CPU)
+    c.train.cast_once_per_step = True  # cast fp32 matrices to model.dtype once per step (same values as at each use)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-4
@@ -70,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.max_grad_norm = 1.0  # 0 = no clipping
+    c.optim.moment_dtype = "float32"  # AdamW first moment ("float32" | "bfloat16"); the second follows the params' dtype
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.dir = ""       # default RUN_DIR/checkpoints; may be gs://bucket/path (Orbax writes there)

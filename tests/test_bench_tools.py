@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
 import bench_common  # noqa: E402
 
 from jaxrl_vl.models.config import ModelConfig  # noqa: E402
@@ -89,3 +90,27 @@ def test_kernel_table_joins_the_trace_with_the_optimized_hlo(tmp_path):
     assert joined and all(r["mb"] >= 0 and r["count"] >= 1 for r in joined)
     assert any("fused_nll.py" in r["source"] for r in joined)  # the chunked loss's kernels, by source line
     assert kernel_table.nbytes("(bf16[2,3]{1,0}, f32[4])") == 2 * 6 + 4 * 4
+
+
+@pytest.mark.slow
+def test_bench_trainer_times_launch_train_and_splits_the_step(tiny_model_dir, tmp_path):
+    """tools/bench_trainer.py runs launch/train.py itself and reports the steady-state steps' figures."""
+    import json
+    import subprocess
+    import sys
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_bench_data.py"), "--out", str(data), "--rows", "8",
+                    "--images", "2", "--image-size", "64", "--max-length", "192"], check=True, cwd=REPO)
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "bench_trainer.py"), "--config",
+                          str(REPO / "configs" / "base.py"), "--steps", "4", "--", f"--config.model.path={tiny_model_dir}",
+                          "--config.data.source=jsonl", f"--config.data.path={data}", "--config.data.max_length=192",
+                          "--config.train.batch_size=2", "--config.train.loss_chunk_size=64",
+                          "--config.train.target_positions_multiple=32"],
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["trainer"] == "sft" and summary["steps_timed"] == 2, summary
+    assert summary["tokens_per_second"] > 0 and 0 < summary["mfu"] < 1, summary
+    split = summary["split_seconds"]
+    assert split["host_data"] >= 0 and split["device_step_and_dispatch"] > 0, summary
+    assert summary["recipe"]["dtype"] == "float32" and summary["recipe"]["max_length"] == 192

@@ -38,9 +38,9 @@ class Precision:
     @classmethod
     def from_config(cls, config) -> "Precision":
         return cls(compute=dtype_named(config.model.dtype, "model.dtype"),
-                   params=dtype_named(config.model.get("param_dtype", "float32"), "model.param_dtype"),
-                   moments=dtype_named(config.optim.get("moment_dtype", "float32"), "optim.moment_dtype"),
-                   cast_once=bool(config.train.get("cast_once_per_step", True)))
+                   params=dtype_named(config.model.param_dtype, "model.param_dtype"),
+                   moments=dtype_named(config.optim.moment_dtype, "optim.moment_dtype"),
+                   cast_once=bool(config.train.cast_once_per_step))
 
     @property
     def name(self) -> str:

@@ -65,7 +65,7 @@ class _NoWriter:
 def forward_of(config, model_config) -> Forward:
     precision = Precision.from_config(config)
     return Forward(model_config, dtype=precision.compute, remat=config.model.remat,
-                   layer_loop=config.model.layer_loop, attention=config.model.get("attention", "auto"),
+                   layer_loop=config.model.layer_loop, attention=config.model.attention,
                    loss_chunk_size=config.train.loss_chunk_size)
 
 
@@ -198,8 +198,12 @@ class Trainer:
                                 num_images=num_images, backward_factor=backward,
                                 logit_tokens=None if logit_tokens is None else int(logit_tokens))
         total = one * passes + forward_passes * one / (1.0 + backward)
-        return {"tokens_per_second": tokens * passes / max(seconds, 1e-9),
-                "mfu": flops.mfu(total, seconds, jax.device_count(), self.peak_flops)}
+        out = {"tokens_per_second": tokens * passes / max(seconds, 1e-9),
+               "mfu": flops.mfu(total, seconds, jax.device_count(), self.peak_flops)}
+        peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())
+        if peak:  # accelerators report it; CPU does not
+            out["peak_memory_gib"] = peak / 2**30
+        return out
 
     def end_step(self, step: int, metrics: dict, *, log_now: bool = True, bar_postfix: dict | None = None) -> dict:
         """Checkpoint (on its interval), due hooks, the metrics line (process 0), the bar."""
