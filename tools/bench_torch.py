@@ -35,6 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention", default="auto", help="auto | sdpa | flash_attention_2 | eager")
+    p.add_argument("--liger", action="store_true",
+                   help="liger-kernel's Qwen3-VL patches (apply_liger_kernel_to_qwen3_vl: fused linear cross-entropy, "
+                        "RMSNorm, SwiGLU, rope), the strongest PyTorch setting")
     return p.parse_args(argv)
 
 
@@ -85,6 +88,10 @@ def main(argv=None) -> dict:
     position_ids = make_batch(rows, config, pad_to_length=args.seq_len)["position_ids"]
     torch.manual_seed(args.seed)
     started = time.perf_counter()
+    if args.liger:  # patches transformers' Qwen3-VL classes before the model is built
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
+        apply_liger_kernel_to_qwen3_vl(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True,
+                                       cross_entropy=False)
     model = build_model(hf_dict, attention, device)
     if args.lora:
         from peft import LoraConfig, get_peft_model
@@ -127,7 +134,8 @@ def main(argv=None) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
     result = {"step_s": pipelined_s, "step_s_synced": float(np.median(times)), "step_s_synced_all": times,
               "init_s": init_s,
-              "peak_memory_gib": peak, "attention": attention, "loss_first_last": [losses[0], losses[-1]],
+              "peak_memory_gib": peak, "attention": attention, "liger": args.liger,
+              "loss_first_last": [losses[0], losses[-1]],
               "num_params": sum(p.numel() for p in model.parameters()),
               "num_trainable": sum(p.numel() for p in trainable),
               "torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}

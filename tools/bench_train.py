@@ -84,6 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(tools/profile_summary.py)")
     p.add_argument("--skip-torch", action="store_true", help="skip the transformers + PyTorch reference")
     p.add_argument("--torch-attention", default="auto", help="auto = flash_attention_2 if installed, else sdpa")
+    p.add_argument("--torch-liger", action="store_true", help="the PyTorch reference with liger-kernel's Qwen3-VL kernels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default="", help="also write the summary JSON to this file")
     return p.parse_args(argv)
@@ -97,6 +98,8 @@ def run_torch_reference(args) -> dict:
            "--steps", str(args.steps), "--seed", str(args.seed), "--attention", args.torch_attention]
     if args.lora:
         cmd += ["--lora", "--lora-rank", str(args.lora_rank)]
+    if args.torch_liger:
+        cmd.append("--liger")
     started = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     sys.stderr.write(proc.stderr[-4000:])
