@@ -57,7 +57,9 @@ def run(config: str, steps: int, warmup: int, overrides: list[str], run_dir: str
     trainer = load_config_file(config).trainer
     args = [sys.executable, str(REPO / "launch" / "train.py"), "--config", config, f"--config.run_dir={run_dir}",
             f"--config.train.num_steps={steps}", *QUIET, *(SFT_QUIET if trainer == "sft" else []), *overrides]
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    # the GPU memory share the step benchmark gives JAX (tools/bench_train.py), unless the caller set one
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94"))
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env)
     sys.stderr.write(proc.stderr[-6000:])
     if proc.returncode != 0:
         raise SystemExit(f"launch/train.py exited {proc.returncode}")

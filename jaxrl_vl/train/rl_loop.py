@@ -19,11 +19,10 @@ import time
 
 import numpy as np
 
-from jaxrl_vl.rollout.trajectory import rollout_metrics
 from jaxrl_vl.train import distributed, setup
 from jaxrl_vl.train.config_overrides import ConfigError
 from jaxrl_vl.train.rl_credit import assign_credit
-from jaxrl_vl.train.rl_rollouts import Rollouts
+from jaxrl_vl.train.rl_rollouts import Rollouts, all_processes_metrics
 from jaxrl_vl.train.rl_update import RLUpdate
 from jaxrl_vl.train.trainer import Trainer
 
@@ -67,7 +66,7 @@ def rl_step(config, trainer: Trainer, rollouts: Rollouts, update: RLUpdate, step
     t0 = time.perf_counter()
     groups = rollouts.collect(step)
     t_rollout = time.perf_counter() - t0  # in async mode: the wait not hidden behind training
-    metrics = rollout_metrics(groups)
+    metrics = all_processes_metrics(groups)
     credit = assign_credit(groups, config.rl, image_mean=rollouts.image_mean, image_std=rollouts.image_std)
     metrics.update(credit.metrics)
     metrics["rollout/stale_turns"] = float(np.mean([v != str(rollouts.pushed_version) for t in credit.kept

@@ -231,7 +231,7 @@ class Rollouts:
                                       agent_config(self.rl, evaluation=True), 0)
         groups = self._supervised(submit, what=f"evaluation ({tag})")
         self.save_samples(groups, step, tag=tag)
-        return rollout_metrics(groups, prefix=f"eval_{tag}/")
+        return all_processes_metrics(groups, prefix=f"eval_{tag}/")
 
     def save_samples(self, groups, step: int, tag: str = "step") -> None:
         if not distributed.is_main():
@@ -246,6 +246,27 @@ class Rollouts:
             self.loop.run(self.servers.aclose())
             self.servers.stop()
         self.loop.close()
+
+
+def all_processes_metrics(groups: list[list], prefix: str = "rollout/") -> dict:
+    """rollout_metrics over every process's groups: episode-weighted means; sums, counts and maxima combined as
+    such (one process: rollout_metrics itself)."""
+    local = rollout_metrics(groups, prefix=prefix)
+    if jax.process_count() == 1:
+        return local
+    every = [m for m in distributed.gather_json(local, f"metrics_{prefix}") if m]
+    episodes = [m[prefix + "episodes"] for m in every]
+    combined = {}
+    for key in set().union(*every):
+        values = [m.get(key) for m in every]
+        if key.endswith("_max"):
+            combined[key] = max(v for v in values if v is not None)
+        elif key.endswith(("_total", "_sum", "episodes")):
+            combined[key] = sum(v for v in values if v is not None)
+        else:
+            pairs = [(v, n) for v, n in zip(values, episodes) if v is not None]
+            combined[key] = sum(v * n for v, n in pairs) / max(sum(n for _, n in pairs), 1.0)
+    return combined
 
 
 def replay_folder(rl) -> str:
