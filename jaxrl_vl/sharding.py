@@ -256,6 +256,13 @@ def batch_shardings(batch: dict, mesh: Mesh, extra_batch_keys: tuple[str, ...] =
     return out
 
 
+def stacked_batch_shardings(batches: dict, mesh: Mesh) -> dict:
+    """NamedShardings for stacked micro-batches [A, ...]: each micro-batch placed like a model batch
+    (`batch_shardings`), the leading micro-batch axis whole."""
+    inner = batch_shardings({k: v[0] for k, v in batches.items()}, mesh)
+    return {k: NamedSharding(mesh, P(None, *inner[k].spec)) for k in batches}
+
+
 def shard_batch(batch: dict, mesh: Mesh, extra_batch_keys: tuple[str, ...] = ()) -> dict:
     """Place a batch dict (numpy or jax arrays) on the mesh."""
     return jax.device_put(dict(batch), batch_shardings(batch, mesh, extra_batch_keys))

@@ -262,17 +262,14 @@ def compile_step(args, config, lora_cfg, optimizer, schedule, state, batch, mesh
 def stacked_batch(args, config, rows, mesh) -> dict:
     """The rows as the trainer's collate stacks them ([1, B, ...], one micro-batch), placed on the mesh."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
     from jaxrl_vl import models, sharding
     from jaxrl_vl.losses.target_positions import target_positions
 
     batch = models.make_batch(rows, config, pad_to_length=args.seq_len)
-    batch = {k: v for k, v in batch.items() if k != "image_grid_thw"}  # host-side only
+    batch = {k: v[None] for k, v in batch.items() if k != "image_grid_thw"}  # host-side only
     if args.target_positions_multiple > 0:
         batch["target_positions"] = target_positions(batch["loss_mask"], args.target_positions_multiple)
-    inner = sharding.batch_shardings(batch, mesh)
-    return {k: jax.device_put(v[None], NamedSharding(mesh, PartitionSpec(None, *inner[k].spec)))
-            for k, v in batch.items()}
+    return jax.device_put(batch, sharding.stacked_batch_shardings(batch, mesh))
 
 
 def time_steps(compiled, state, batch, steps: int):

@@ -163,6 +163,19 @@ def make_grad_step(loss: StepLoss, view: ParamsView, *, mesh=None):
     return _jit(grads_of, mesh, (), None)
 
 
+def make_loss_step(loss: StepLoss, view: ParamsView, *, mesh=None):
+    """-> jitted value(trainable, frozen, batches [A, ...]) -> metrics: the loss's summary without gradients (a
+    forward pass per micro-batch)."""
+
+    def value(trainable, frozen, batches: dict):
+        batches = device_keys(batches)
+        totals, params = loss.totals(batches), view(frozen, trainable)
+        losses, stats = jax.lax.map(lambda micro: loss.loss(params, micro, totals), batches)
+        return loss.summarize(losses, stats, totals, batches)
+
+    return _jit(value, mesh, (), None)
+
+
 def make_apply_step(optimizer, *, mesh=None, donate: bool = True):
     """-> jitted apply(state, grads) -> state: the second half (one optimizer update of the trained tree)."""
     return _jit(lambda state, grads: apply_gradients(optimizer, state, grads), mesh, (0,) if donate else (), None)

@@ -135,13 +135,12 @@ class Trainer:
     def place(self, local_batch: dict) -> dict:
         """This process's stacked micro-batches [A, ...] -> global arrays on the mesh: each micro-batch placed like
         a model batch (rows over ("data", "fsdp"); sharding.batch_shardings), process p's rows at its devices."""
-        first = {k: np.asarray(v)[0] for k, v in local_batch.items()}
         if jax.process_count() == 1:
-            inner = {k: s.spec for k, s in sharding.batch_shardings(first, self.mesh).items()}
-        else:  # local shapes: the spec only depends on which dim is the batch dim
-            rows, length = first["input_ids"].shape
-            inner = {k: sharding.batch_partition_spec(k, v.shape, rows, length) for k, v in first.items()}
-        specs = {k: NamedSharding(self.mesh, PartitionSpec(None, *inner[k])) for k in local_batch}
+            return jax.device_put(local_batch, sharding.stacked_batch_shardings(local_batch, self.mesh))
+        # local shapes: the spec only depends on which dim is the batch dim
+        rows, length = np.shape(local_batch["input_ids"])[1:]
+        specs = {k: NamedSharding(self.mesh, PartitionSpec(None, *sharding.batch_partition_spec(
+            k, np.shape(v)[1:], rows, length))) for k, v in local_batch.items()}
         return distributed.global_batch(local_batch, specs)
 
     def restore(self, data_state_default=None):
