@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from multiprocess import REPO, run_processes
+from jax_processes import REPO, run_processes
 
 TRAIN = REPO / "launch" / "train.py"
 
