@@ -59,20 +59,23 @@ def shifted_rl_inputs(batch: dict) -> dict:
 
 
 def trainer_logprobs(params: dict, batch: dict, targets: jax.Array, model_config, *, dtype=jnp.float32,
-                     remat: str = "none", loss_chunk_size: int = 0, layer_loop: str = "scan"):
-    """-> (logprobs fp32 [B, L], entropy fp32 [B, L]) of `targets` under the model (temperature 1,
-    which is what vLLM's raw sampled-token logprobs report). Chunked with batch["target_positions"]: logits
-    at those positions only, 0 elsewhere (sft_step.at_target_positions)."""
+                     remat: str = "none", loss_chunk_size: int = 0, layer_loop: str = "scan",
+                     temperature: float = 1.0, logit_bias: tuple = ()):
+    """-> (logprobs fp32 [B, L], entropy fp32 [B, L]) of `targets` under softmax((logits + logit_bias) /
+    temperature): the distribution vLLM sampled from, as its processed logprobs report (its raw ones are
+    temperature 1 without bias). Chunked with batch["target_positions"]: logits at those positions only, 0
+    elsewhere (sft_step.at_target_positions)."""
     if loss_chunk_size > 0:
         hidden = models.apply(params, batch, model_config, dtype=dtype, remat=remat, return_hidden=True,
                               layer_loop=layer_loop)
         length = targets.shape[1]
         hidden, targets = at_target_positions(batch, hidden, targets)
         out = chunked_token_logprobs(hidden, models.unembedding(params, model_config), targets,
-                                     chunk_size=loss_chunk_size, dtype=hidden.dtype, return_entropy=True)
+                                     chunk_size=loss_chunk_size, dtype=hidden.dtype, temperature=temperature,
+                                     logit_bias=logit_bias, return_entropy=True)
         return from_target_positions(batch, length, *out)
     logits = models.apply(params, batch, model_config, dtype=dtype, remat=remat, layer_loop=layer_loop)
-    return token_logprobs(logits, targets, return_entropy=True)
+    return token_logprobs(logits, targets, temperature=temperature, logit_bias=logit_bias, return_entropy=True)
 
 
 def _loss_weight_count(loss_config: PolicyLossConfig, mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -92,7 +95,8 @@ def _loss_weight_count(loss_config: PolicyLossConfig, mask: jax.Array, segment_i
 def make_rl_step(model_config, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                  loss_config: PolicyLossConfig, *, old_logprobs: str = "rollout", max_turns_logged: int = 8,
                  dtype=jnp.float32, remat: str = "none", loss_chunk_size: int = 0, layer_loop: str = "scan",
-                 lora_overlay: Callable | None = None, donate: bool = True, mesh=None):
+                 lora_overlay: Callable | None = None, donate: bool = True, mesh=None, temperature: float = 1.0,
+                 logit_bias: tuple = ()):
     """-> jitted step(state, batches [A, ...]) -> (TrainState, metrics dict of fp32 scalars).
 
     Metrics: loss, policy_loss, clip_fraction (and the policy loss's other indicators), entropy,
@@ -101,6 +105,8 @@ def make_rl_step(model_config, optimizer: optax.GradientTransformation, schedule
     grad_norm, learning_rate, loss_tokens, sequences.
     mesh: the device mesh state and batches live on (None: one device); the step is traced under it
     so the model's activations stay split by batch (jaxrl_vl.activation_sharding).
+    temperature, logit_bias: the rollouts' sampling (agent_loop.trainer_logit_bias); every logprob is scored
+    under it. Only with servers reporting processed logprobs (ServerConfig.logprobs_mode); raw ones are T=1.
     """
     if old_logprobs not in OLD_LOGPROBS_SOURCES:
         raise ValueError(f"old_logprobs={old_logprobs!r}; choose one of {OLD_LOGPROBS_SOURCES}")
@@ -113,7 +119,8 @@ def make_rl_step(model_config, optimizer: optax.GradientTransformation, schedule
         shifted = shifted_rl_inputs(micro)
         mask = shifted["loss_mask"]
         logprobs, entropy = trainer_logprobs(params, micro, shifted["targets"], model_config, dtype=dtype,
-                                             remat=remat, loss_chunk_size=loss_chunk_size, layer_loop=layer_loop)
+                                             remat=remat, loss_chunk_size=loss_chunk_size, layer_loop=layer_loop,
+                                             temperature=temperature, logit_bias=logit_bias)
         rollout = shifted["rollout_logprobs"]
         old = rollout if old_logprobs == "rollout" else jax.lax.stop_gradient(logprobs)
         loss, metrics = compute_policy_loss(
@@ -179,10 +186,11 @@ def make_rl_step(model_config, optimizer: optax.GradientTransformation, schedule
 
 
 def make_score_logprobs(model_config, *, dtype=jnp.float32, loss_chunk_size: int = 0,
-                        lora_overlay: Callable | None = None, mesh=None):
+                        lora_overlay: Callable | None = None, mesh=None, temperature: float = 1.0,
+                        logit_bias: tuple = ()):
     """-> jitted score(params, lora, batch [B, ...]) -> trainer logprobs fp32 [B, L] aligned with
-    the tokens (index t = logprob of token t; 0 at t = 0). For reference-policy KL and checks.
-    mesh: as in make_rl_step."""
+    the tokens (index t = logprob of token t; 0 at t = 0), under the sampling `temperature` and `logit_bias`. For the
+    old policy, reference-policy KL and checks. mesh: as in make_rl_step."""
 
     def score(params, lora, batch):
         batch = {k: v for k, v in batch.items() if k not in HOST_ONLY_KEYS}
@@ -190,7 +198,7 @@ def make_score_logprobs(model_config, *, dtype=jnp.float32, loss_chunk_size: int
             params = lora_overlay(params, lora)
         targets = shift_left(batch["input_ids"])
         logprobs, _ = trainer_logprobs(params, batch, targets, model_config, dtype=dtype,
-                                       loss_chunk_size=loss_chunk_size)
+                                       loss_chunk_size=loss_chunk_size, temperature=temperature, logit_bias=logit_bias)
         # the logprob predicting token t sits at t-1: move it to t
         return jnp.concatenate([jnp.zeros_like(logprobs[:, :1]), logprobs[:, :-1]], axis=1)
 
