@@ -116,7 +116,8 @@ def main() -> None:
     print(f"one episode per row, {r['episodes']} rows x {r['unpacked_row_length']}: "
           f"padding {r['unpacked_padding']:.1%} of tokens")
     print(f"packed (first-fit decreasing, rows of {args.row_tokens}, <= {args.max_segments} episodes): "
-          f"{r['packed_rows']} rows, up to {r['segments_per_row_max']} episodes each, padding {r['packed_padding']:.1%}")
+          f"{r['packed_rows']} rows, up to {r['segments_per_row_max']} episodes each, "
+          f"padding {r['packed_padding']:.1%}")
     print(f"micro-batches of {args.tokens_per_micro_batch} tokens: {r['micro_batches']} x {r['rows_per_micro_batch']} "
           f"rows ({r['filler_rows']} filler): padding {r['padding']:.1%} of tokens")
 

@@ -183,12 +183,12 @@ def compute_policy_loss(config: PolicyLossConfig, logprobs: jax.Array, old_logpr
 
     ratio = jnp.exp(log_ratio(logprobs, old_logprobs))
     present = loss_mask != 0
+    ratio_min, ratio_max = agg.masked_min_max(ratio, loss_mask)  # 0 for an empty (filtered) micro-batch
     metrics.update(
         policy_loss=policy_loss,
         ratio_mean=agg.masked_mean(ratio, loss_mask),
-        # An empty mask (e.g. a fully filtered micro-batch) reports 0, never +-inf.
-        ratio_min=jnp.where(jnp.any(present), jnp.min(jnp.where(present, ratio, jnp.inf)), 0.0),
-        ratio_max=jnp.where(jnp.any(present), jnp.max(jnp.where(present, ratio, -jnp.inf)), 0.0),
+        ratio_min=ratio_min,
+        ratio_max=ratio_max,
         approx_kl_to_old=agg.masked_mean(
             KL_ESTIMATORS.get("k3")(logprobs, old_logprobs), loss_mask),
         num_loss_tokens=jnp.sum(present).astype(jnp.float32),

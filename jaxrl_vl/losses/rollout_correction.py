@@ -135,16 +135,20 @@ def per_sequence_log_ratio(log_rho: jax.Array, loss_mask: jax.Array, level: str,
     return agg.broadcast_to_tokens(sums, segment_ids, log_rho.shape[-1])
 
 
-def importance_weights(log_rho, loss_mask, level: str, threshold: float, **segments) -> jax.Array:
+def importance_weights(log_rho, loss_mask, level: str, threshold: float, *, segment_ids=None,
+                       max_segments_per_row: int = 1) -> jax.Array:
     """Truncated importance weights min(rho_level, threshold), 0 off the loss mask. [B, L]."""
-    level_log_rho = jnp.clip(per_sequence_log_ratio(log_rho, loss_mask, level, **segments),
-                             -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    level_log_rho = per_sequence_log_ratio(log_rho, loss_mask, level, segment_ids=segment_ids,
+                                           max_segments_per_row=max_segments_per_row)
+    level_log_rho = jnp.clip(level_log_rho, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return agg.masked(jnp.minimum(jnp.exp(level_log_rho), threshold), loss_mask)
 
 
-def rejection_mask(log_rho, loss_mask, level: str, lower: float, upper: float, **segments) -> jax.Array:
+def rejection_mask(log_rho, loss_mask, level: str, lower: float, upper: float, *, segment_ids=None,
+                   max_segments_per_row: int = 1) -> jax.Array:
     """loss_mask with the tokens whose rho_level leaves [lower, upper] set to 0. [B, L]."""
-    level_log_rho = per_sequence_log_ratio(log_rho, loss_mask, level, **segments)
+    level_log_rho = per_sequence_log_ratio(log_rho, loss_mask, level, segment_ids=segment_ids,
+                                           max_segments_per_row=max_segments_per_row)
     inside = (level_log_rho >= jnp.log(lower)) & (level_log_rho <= jnp.log(upper))
     return jnp.where(inside, loss_mask, 0.0).astype(loss_mask.dtype)
 
@@ -178,13 +182,6 @@ def compute_rollout_correction(config: RolloutCorrectionConfig, old_logprobs: ja
     return weights.reshape(shape), kept.reshape(shape).astype(loss_mask.dtype), metrics
 
 
-def _masked_min_max(x, mask):
-    present = mask != 0
-    some = jnp.any(present)
-    return (jnp.where(some, jnp.min(jnp.where(present, x, jnp.inf)), 0.0),
-            jnp.where(some, jnp.max(jnp.where(present, x, -jnp.inf)), 0.0))
-
-
 def _sequence_fraction(flag, mask, segment_ids, max_segments_per_row):
     """Fraction of sequences (with loss tokens) holding at least one token where flag != 0."""
     present = (mask != 0).astype(jnp.float32)
@@ -201,8 +198,8 @@ def drift_metrics(old_logprobs, rollout_logprobs, loss_mask, kept_mask=None, *, 
     k3 = rho - 1 - log rho; ratio_mean/min/max and ratio_p<q> (percentiles) of rho; abs_log_ratio_mean /
     _max (the same as rl_step's drift_mean / drift_max); rollout_rs_masked_fraction (loss tokens
     rejected) and rollout_rs_seq_masked_fraction (sequences with a rejected token); per turn k <
-    max_turns_logged (with turn_ids): kl_turn_k, k3_kl_turn_k, ratio_mean_turn_k, rollout_rs_masked_fraction_turn_k,
-    tokens_turn_k."""
+    max_turns_logged (with turn_ids): kl_turn_k, k3_kl_turn_k, ratio_mean_turn_k,
+    rollout_rs_masked_fraction_turn_k, tokens_turn_k."""
     mask = loss_mask
     kept = mask if kept_mask is None else kept_mask
     log_rho = log_ratio(old_logprobs, rollout_logprobs)
@@ -210,7 +207,7 @@ def drift_metrics(old_logprobs, rollout_logprobs, loss_mask, kept_mask=None, *, 
     k1 = KL_ESTIMATORS.get("k1")(rollout_logprobs, old_logprobs)
     k3 = KL_ESTIMATORS.get("k3")(rollout_logprobs, old_logprobs)
     rejected = ((mask != 0) & (kept == 0)).astype(jnp.float32)
-    ratio_min, ratio_max = _masked_min_max(rho, mask)
+    ratio_min, ratio_max = agg.masked_min_max(rho, mask)
     metrics = {
         "kl": agg.masked_mean(k1, mask), "k3_kl": agg.masked_mean(k3, mask),
         "ratio_mean": agg.masked_mean(rho, mask), "ratio_min": ratio_min, "ratio_max": ratio_max,
@@ -239,11 +236,13 @@ def _per_turn(turn_ids, mask, max_turns_logged: int, **per_token) -> dict:
     return out
 
 
-def importance_weight_metrics(weights, log_rho, mask, config: RolloutCorrectionConfig, **segments) -> dict:
+def importance_weight_metrics(weights, log_rho, mask, config: RolloutCorrectionConfig, *, segment_ids=None,
+                              max_segments_per_row: int = 1) -> dict:
     """rollout_is_mean/min/max of the applied weights, rollout_is_ratio_fraction_high (loss tokens whose
     rho at the IS level exceeded the cap), rollout_is_eff_sample_size (1 / mean of (w / mean w)^2)."""
-    level_log_rho = per_sequence_log_ratio(log_rho, mask, config.rollout_is, **segments)
-    low, high = _masked_min_max(weights, mask)
+    level_log_rho = per_sequence_log_ratio(log_rho, mask, config.rollout_is, segment_ids=segment_ids,
+                                           max_segments_per_row=max_segments_per_row)
+    low, high = agg.masked_min_max(weights, mask)
     mean = agg.masked_mean(weights, mask)
     return {
         "rollout_is_mean": mean, "rollout_is_min": low, "rollout_is_max": high,
