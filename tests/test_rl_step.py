@@ -12,16 +12,14 @@ import pytest
 from jaxrl_vl import models
 from jaxrl_vl.losses.policy import PolicyLossConfig
 from jaxrl_vl.train.optim import make_optimizer
-from jaxrl_vl.data.collate import rl_micro_batches, split_host_stats
-from jaxrl_vl.train.rl_step import make_rl_step, make_score_batches
+from jaxrl_vl.train.rl_step import make_rl_step
+from rl_batches import build_micro_batches, score_logprobs
 from jaxrl_vl.train.step import Forward
 from jaxrl_vl.train.state import create_train_state
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_micro_batches(rows, config, **kwargs):
-    return split_host_stats(rl_micro_batches(rows, config, **kwargs))[0]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +59,7 @@ def _rows(config, seed=0):
 def _with_trainer_logprobs(rows, config, params):
     """rollout_logprobs := the trainer's own logprobs on the masked tokens (an exact sampler)."""
     batch = build_micro_batches(rows, config, num_micro_batches=1)
-    logprobs = np.asarray(make_score_batches(Forward(config))(params, None, batch))[0]
+    logprobs = score_logprobs(config, params, {k: v[0] for k, v in batch.items()})
     for b, row in enumerate(rows):
         row["rollout_logprobs"] = logprobs[b, :len(row["input_ids"])] * row["loss_mask"]
     return rows

@@ -27,17 +27,10 @@ def test_pool_sticks_episodes_and_balances_new_ones():
     pool.release("e1")
     assert pool.assign("e3") == "http://a"  # a now has fewer active episodes
     assert pool.assign("e4") == "http://a"  # tie (1 and 1): list order
-    assert pool.load() == {"http://a": {"active_episodes": 2, "in_flight": 0},
-                           "http://b": {"active_episodes": 1, "in_flight": 0}}
-
-    async def in_flight_breaks_ties():
-        async with pool.request("e3"):
-            pool.release("e2")
-            pool.release("e4")
-            pool.release("e3")  # a and b both have 0 episodes; a has a request in flight
-            return pool.assign("e5")
-
-    assert asyncio.run(in_flight_breaks_ties()) == "http://b"
+    assert pool.load() == {"http://a": 2, "http://b": 1}
+    pool.release("e2")
+    pool.release("unknown")  # ignored
+    assert pool.assign("e5") == "http://b" and pool.load() == {"http://a": 2, "http://b": 1}
     with pytest.raises(ValueError, match="duplicate"):
         ServerPool(["http://a", "http://a"])
 

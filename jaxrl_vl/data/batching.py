@@ -1,4 +1,4 @@
-"""Rendered examples -> model rows: truncation, length buckets, packing.
+"""Rendered examples -> model rows: truncation, length buckets, packing (the bin packing: data/packing.py).
 
 A row is the dict `jaxrl_vl.models.inputs.make_batch` takes: input_ids int32[L], loss_mask
 float32[L], pixel_values float32[P, D] (normalised), image_grid_thw int32[n, 3], and for packed
@@ -11,6 +11,8 @@ import dataclasses
 
 import numpy as np
 
+from jaxrl_vl.data import packing
+from jaxrl_vl.data.packing import first_fit, pack_first_fit  # noqa: F401 (the SFT pipeline's, kept here by name)
 from jaxrl_vl.data.render import RenderedExample, normalize_pixels
 from jaxrl_vl.data.validation import BadRecordError
 
@@ -90,39 +92,42 @@ def packed_row(examples: list[RenderedExample], *, loss_on: str, image_mean, ima
     """Several examples concatenated into one row with segment_ids 1..k (images kept in order)."""
     if not examples:
         raise ValueError("packed_row needs at least one example")
-    rows = [example_row(e, loss_on=loss_on, image_mean=image_mean, image_std=image_std) for e in examples]
-    return {
-        "input_ids": np.concatenate([r["input_ids"] for r in rows]).astype(np.int32),
-        "loss_mask": np.concatenate([r["loss_mask"] for r in rows]).astype(np.float32),
-        "segment_ids": np.concatenate([np.full(e.num_tokens, k + 1, np.int32) for k, e in enumerate(examples)]),
-        "pixel_values": np.concatenate([r["pixel_values"] for r in rows]).astype(np.float32),
-        "image_grid_thw": np.concatenate([r["image_grid_thw"] for r in rows]).astype(np.int32).reshape(-1, 3),
-    }
+    return merge_rows([example_row(e, loss_on=loss_on, image_mean=image_mean, image_std=image_std) for e in examples])
 
 
-def first_fit(row_token_counts: list[int], num_tokens: int, row_length: int) -> int | None:
-    """Index of the first row with room for num_tokens, or None."""
-    for index, used in enumerate(row_token_counts):
-        if used + num_tokens <= row_length:
-            return index
-    return None
+def merge_rows(rows: list[dict]) -> dict:
+    """Rows (the module docstring's dicts, e.g. trajectory.training_rows output) concatenated into one
+    packed row: every per-token field end to end, segment_ids 1..k, pixel_values and image_grid_thw in
+    order. Per-row scalars (e.g. group_id) have no per-token place and are refused."""
+    if not rows:
+        raise ValueError("merge_rows needs at least one row")
+    keys = [k for k in rows[0] if k not in ("pixel_values", "image_grid_thw")]
+    for index, row in enumerate(rows):
+        fields = {k for k in row if k not in ("pixel_values", "image_grid_thw")}
+        if fields != set(keys):
+            raise ValueError(f"merge_rows: row {index} has fields {sorted(fields)}, row 0 {sorted(keys)}")
+        for key in keys:
+            if key == "segment_ids" or np.ndim(row[key]) == 0:
+                raise ValueError(f"merge_rows: row {index} field {key!r} is per-row (or already packed); "
+                                 "pack rows before adding it")
+    merged = {k: np.concatenate([np.asarray(r[k]) for r in rows]) for k in keys}
+    merged["input_ids"] = merged["input_ids"].astype(np.int32)
+    merged["segment_ids"] = np.concatenate([np.full(len(r["input_ids"]), k + 1, np.int32) for k, r in enumerate(rows)])
+    with_images = [r for r in rows if "image_grid_thw" in r]
+    if with_images:
+        merged["pixel_values"] = np.concatenate([np.asarray(r["pixel_values"]) for r in with_images]).astype(np.float32)
+        merged["image_grid_thw"] = np.concatenate([np.asarray(r["image_grid_thw"]).reshape(-1, 3)
+                                                   for r in with_images]).astype(np.int32)
+    return merged
 
 
-def pack_first_fit(lengths, row_length: int) -> list[list[int]]:
-    """Group example indices into rows of at most row_length tokens (first fit, order kept in a row)."""
-    rows: list[list[int]] = []
-    used: list[int] = []
-    for index, length in enumerate(lengths):
-        if length > row_length:
-            raise ValueError(f"example {index} has {length} tokens > row_length {row_length}; truncate first")
-        target = first_fit(used, length, row_length)
-        if target is None:
-            rows.append([index])
-            used.append(length)
-        else:
-            rows[target].append(index)
-            used[target] += length
-    return rows
+def pack_rows(rows: list[dict], *, row_length: int, max_segments_per_row: int) -> list[dict]:
+    """Rows packed into as few rows of at most row_length tokens and max_segments_per_row segments as
+    first-fit decreasing finds (data/packing.py), each merged with `merge_rows`. For RL training rows:
+    the loss's PolicyLossConfig.max_segments_per_row must be at least max_segments_per_row."""
+    lengths = [len(r["input_ids"]) for r in rows]
+    bins = packing.pack_first_fit_decreasing(lengths, row_length, max_items_per_bin=max_segments_per_row)
+    return [merge_rows([rows[i] for i in indices]) for indices in bins]
 
 
 def make_collate_fn(model_config, *, max_length: int, loss_on: str = "last", image_mean, image_std, packing: bool = False,

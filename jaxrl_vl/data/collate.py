@@ -110,8 +110,8 @@ def _filler_row(template: dict, pad_id: int) -> dict:
         value = np.asarray(value)
         if value.ndim == 0:
             row[key] = np.zeros((), value.dtype)
-        else:
-            row[key] = np.full((1,), -1 if key == "turn_ids" else 0, value.dtype)
+        else:  # turn -1 and segment 1 (make_batch wants positive segment ids on real tokens)
+            row[key] = np.full((1,), {"turn_ids": -1, "segment_ids": 1}.get(key, 0), value.dtype)
     return row
 
 

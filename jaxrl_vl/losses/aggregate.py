@@ -28,6 +28,14 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(masked(x, mask)) / jnp.maximum(jnp.sum(mask != 0), 1)
 
 
+def masked_min_max(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(min, max) of x over positions where mask != 0; (0, 0) when the mask is empty, never +-inf."""
+    present = mask != 0
+    some = jnp.any(present)
+    return (jnp.where(some, jnp.min(jnp.where(present, x, jnp.inf)), 0.0),
+            jnp.where(some, jnp.max(jnp.where(present, x, -jnp.inf)), 0.0))
+
+
 def sequence_sums(x: jax.Array, segment_ids: jax.Array | None,
                   max_segments_per_row: int = 1) -> jax.Array:
     """Per-sequence sums. x: [B, L]; segment_ids: int [B, L] or None -> [B, S].

@@ -7,8 +7,9 @@ Inputs shared by all losses (all [B, L], fp32, aligned so position t scores toke
   advantages        per-token advantages (a sequence's advantage broadcast over its tokens)
   loss_mask         1 on sampled tokens that are trained, 0 elsewhere
 Each registered loss returns (per_token_loss [B, L], indicators: dict name -> [B, L] in {0, 1})
-whose masked means become metrics (e.g. clip_fraction). `compute_policy_loss` adds truncated
-importance sampling, the optional KL term and the aggregation mode, and returns
+whose masked means become metrics (e.g. clip_fraction). `compute_policy_loss` weights the
+per-token loss by the rollout correction's importance weights (given, see
+losses/rollout_correction.py), adds the optional KL term and the aggregation mode, and returns
 (scalar loss, metrics).
 """
 from __future__ import annotations
@@ -33,7 +34,9 @@ class PolicyLossConfig:
     clip_eps_low: float = 0.2            # ratio lower bound 1 - eps_low
     clip_eps_high: float = 0.2           # ratio upper bound 1 + eps_high (DAPO clip-higher: 0.28)
     dual_clip_c: float | None = None     # dual-clip: cap -A*c on negative-advantage tokens (e.g. 3)
-    tis_cap: float | None = None         # truncated IS: weight min(pi_old/pi_rollout, cap)
+    # = rollout_correction rollout_is="token", rollout_is_threshold=tis_cap, computed inside the loss
+    # from (old, rollout) until the RL loop passes rollout_is_weights (then this field goes)
+    tis_cap: float | None = None
     kl_coef: float = 0.0                 # > 0 adds kl_coef * KL(pi || pi_ref) per token
     kl_estimator: str = "k3"             # k1 / k2 / k3
     token_sum_divisor: float = 1.0       # for sequence-mean-token-sum (Dr.GRPO: max new tokens)
@@ -121,14 +124,16 @@ def importance_sampling_loss(logprobs, old_logprobs, advantages, loss_mask, cfg,
 
 def compute_policy_loss(config: PolicyLossConfig, logprobs: jax.Array, old_logprobs: jax.Array,
                         advantages: jax.Array, loss_mask: jax.Array, *,
+                        rollout_is_weights: jax.Array | None = None,
                         rollout_logprobs: jax.Array | None = None,
                         ref_logprobs: jax.Array | None = None,
                         segment_ids: jax.Array | None = None):
     """All arrays [B, L]. Returns (loss scalar, metrics: dict of scalars).
 
-    rollout_logprobs: the inference engine's logprobs; with `config.tis_cap` the loss of each
-      token is weighted by sg(min(exp(old - rollout), tis_cap)) (truncated importance sampling
-      against trainer/inference mismatch, Yao et al. 2025). Needs old_logprobs from the trainer.
+    rollout_is_weights: the rollout correction's weights w (rollout_correction.compute_rollout_correction):
+      each token's loss becomes sg(w) * loss; its rejection is already in loss_mask.
+    rollout_logprobs: only for `config.tis_cap` (the same weights with rollout_is="token",
+      computed here from old_logprobs, which must then be the trainer's).
     ref_logprobs: frozen reference policy; needed when `config.kl_coef > 0`.
     segment_ids: int [B, L] for packed rows (sequence aggregation and GSPO), else None.
     """
@@ -151,11 +156,19 @@ def compute_policy_loss(config: PolicyLossConfig, logprobs: jax.Array, old_logpr
     metrics = {name: agg.masked_mean(v, loss_mask) for name, v in indicators.items()}
 
     if config.tis_cap is not None:
-        rollout_ratio = jnp.exp(log_ratio(old_logprobs, rollout_logprobs.astype(jnp.float32)))
-        per_token = per_token * jax.lax.stop_gradient(jnp.minimum(rollout_ratio, config.tis_cap))
+        if rollout_is_weights is not None:
+            raise ValueError("PolicyLossConfig.tis_cap and rollout_is_weights both weight the loss; pass one")
+        from jaxrl_vl.losses import rollout_correction  # imports this module: import here, not at the top
+
+        rollout_log_ratio = log_ratio(old_logprobs, rollout_logprobs.astype(jnp.float32))
+        rollout_is_weights = rollout_correction.importance_weights(
+            rollout_log_ratio, loss_mask, "token", config.tis_cap,
+            segment_ids=segment_ids, max_segments_per_row=config.max_segments_per_row)
         metrics["tis_truncated_fraction"] = agg.masked_mean(
-            (rollout_ratio > config.tis_cap).astype(jnp.float32), loss_mask)
-        metrics["rollout_ratio_mean"] = agg.masked_mean(rollout_ratio, loss_mask)
+            (rollout_log_ratio > jnp.log(config.tis_cap)).astype(jnp.float32), loss_mask)
+    if rollout_is_weights is not None:
+        per_token = per_token * jax.lax.stop_gradient(rollout_is_weights.astype(jnp.float32))
+        metrics["rollout_is_weight_mean"] = agg.masked_mean(rollout_is_weights, loss_mask)
 
     agg_kwargs = dict(segment_ids=segment_ids, max_segments_per_row=config.max_segments_per_row,
                       token_sum_divisor=config.token_sum_divisor)
@@ -170,12 +183,12 @@ def compute_policy_loss(config: PolicyLossConfig, logprobs: jax.Array, old_logpr
 
     ratio = jnp.exp(log_ratio(logprobs, old_logprobs))
     present = loss_mask != 0
+    ratio_min, ratio_max = agg.masked_min_max(ratio, loss_mask)  # 0 for an empty (filtered) micro-batch
     metrics.update(
         policy_loss=policy_loss,
         ratio_mean=agg.masked_mean(ratio, loss_mask),
-        # An empty mask (e.g. a fully filtered micro-batch) reports 0, never +-inf.
-        ratio_min=jnp.where(jnp.any(present), jnp.min(jnp.where(present, ratio, jnp.inf)), 0.0),
-        ratio_max=jnp.where(jnp.any(present), jnp.max(jnp.where(present, ratio, -jnp.inf)), 0.0),
+        ratio_min=ratio_min,
+        ratio_max=ratio_max,
         approx_kl_to_old=agg.masked_mean(
             KL_ESTIMATORS.get("k3")(logprobs, old_logprobs), loss_mask),
         num_loss_tokens=jnp.sum(present).astype(jnp.float32),

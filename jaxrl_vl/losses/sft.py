@@ -6,6 +6,10 @@ Two ways to get per-token logprobs of the target tokens:
       logits chunk by chunk over the sequence under jax.checkpoint, so the [B, L, V] fp32 logits
       (e.g. 8 x 8192 x 151936 x 4 bytes = 40 GB) never exist at once, forward or backward.
 Both return fp32 [B, L] (and optionally the entropy of the full next-token distribution).
+
+Both score the distribution a sampler draws from: softmax((logits + logit_bias) / temperature), as
+vLLM's processed logprobs report it (`--logprobs-mode processed_logprobs`: logit bias, then
+temperature). logit_bias: static ((token_id, bias), ...) pairs, as sent in vLLM's sampling params.
 """
 from __future__ import annotations
 
@@ -20,11 +24,18 @@ from jaxrl_vl.losses.aggregate import masked
 from jaxrl_vl.models.layers import dot_fp32_out, dot_fp32_out_grads
 
 
-def _logprobs_from_logits(logits: jax.Array, targets: jax.Array, temperature: float,
-                          return_entropy: bool):
+def sampled_logits(logits: jax.Array, temperature: float = 1.0, logit_bias: tuple = ()) -> jax.Array:
+    """fp32 (logits + logit_bias) / temperature over the last (vocab) axis: what a sampler draws from."""
     logits = logits.astype(jnp.float32)
-    if temperature != 1.0:
-        logits = logits / temperature  # vLLM reports logprobs of the temperature-scaled softmax
+    if logit_bias:
+        ids, values = zip(*logit_bias)
+        logits = logits + jnp.zeros(logits.shape[-1], jnp.float32).at[jnp.asarray(ids)].set(jnp.asarray(values))
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def _logprobs_from_logits(logits: jax.Array, targets: jax.Array, temperature: float, logit_bias: tuple,
+                          return_entropy: bool):
+    logits = sampled_logits(logits, temperature, logit_bias)
     log_normalizer = jax.nn.logsumexp(logits, axis=-1)
     target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)
     logprobs = target_logits[..., 0] - log_normalizer
@@ -35,16 +46,16 @@ def _logprobs_from_logits(logits: jax.Array, targets: jax.Array, temperature: fl
     return logprobs, entropy, log_normalizer
 
 
-def token_logprobs(logits: jax.Array, targets: jax.Array, *, temperature: float = 1.0,
+def token_logprobs(logits: jax.Array, targets: jax.Array, *, temperature: float = 1.0, logit_bias: tuple = (),
                    return_entropy: bool = False):
     """logits [B, L, V], targets int [B, L] -> logprobs fp32 [B, L] (, entropy [B, L])."""
-    logprobs, entropy, _ = _logprobs_from_logits(logits, targets, temperature, return_entropy)
+    logprobs, entropy, _ = _logprobs_from_logits(logits, targets, temperature, logit_bias, return_entropy)
     return (logprobs, entropy) if return_entropy else logprobs
 
 
 def chunked_token_logprobs(hidden: jax.Array, unembed: jax.Array | Callable, targets: jax.Array,
                            *, chunk_size: int = 1024, dtype=jnp.float32,
-                           temperature: float = 1.0, return_entropy: bool = False):
+                           temperature: float = 1.0, logit_bias: tuple = (), return_entropy: bool = False):
     """hidden [B, L, H] (final-norm output), targets int [B, L] -> logprobs fp32 [B, L]
     (, entropy fp32 [B, L]).
 
@@ -68,14 +79,14 @@ def chunked_token_logprobs(hidden: jax.Array, unembed: jax.Array | Callable, tar
         @jax.checkpoint
         def one_chunk(args):
             h, t = args
-            logprobs, entropy, _ = _logprobs_from_logits(logits_of(h), t, temperature, return_entropy)
+            logprobs, entropy, _ = _logprobs_from_logits(logits_of(h), t, temperature, logit_bias, return_entropy)
             return (logprobs, entropy) if return_entropy else (logprobs,)
     else:
         matrix = unembed.astype(dtype)
 
         def one_chunk(args):
             h, t = args
-            logprobs, entropy = _chunk_logprobs(h.astype(dtype), matrix, t, temperature, return_entropy)
+            logprobs, entropy = _chunk_logprobs(h.astype(dtype), matrix, t, temperature, logit_bias, return_entropy)
             return (logprobs, entropy) if return_entropy else (logprobs,)
 
     outputs = jax.lax.map(one_chunk, (hidden_chunks, target_chunks))  # walks the leading (chunk) axis
@@ -111,29 +122,28 @@ def chunk_logits(h, w):
     return constrain(dot_fp32_out(h, w), BATCH, None, TENSOR)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunk_logprobs(h, w, targets, temperature: float, return_entropy: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunk_logprobs(h, w, targets, temperature: float, logit_bias: tuple, return_entropy: bool):
     """One chunk of the matrix form: h [B, C, H] @ w [V, H]^T -> (logprobs [B, C], entropy [B, C] | None).
 
     A hand-written backward keeps only the log-normalizer per token and recomputes the logits once;
     the softmax gradient (one-hot - p, plus the entropy term) is formed in one pass and handed to the
     two backward matmuls in h's dtype. (Autodiff under jax.checkpoint would redo the reductions,
     scatter the one-hot into an fp32 copy and convert it in separate passes over [B, C, V].)"""
-    return _chunk_logprobs_fwd(h, w, targets, temperature, return_entropy)[0]
+    return _chunk_logprobs_fwd(h, w, targets, temperature, logit_bias, return_entropy)[0]
 
 
-def _chunk_logprobs_fwd(h, w, targets, temperature, return_entropy):
+def _chunk_logprobs_fwd(h, w, targets, temperature, logit_bias, return_entropy):
     logits = chunk_logits(h, w)
-    logprobs, entropy, log_normalizer = _logprobs_from_logits(logits, targets, temperature, return_entropy)
+    logprobs, entropy, log_normalizer = _logprobs_from_logits(logits, targets, temperature, logit_bias,
+                                                              return_entropy)
     return (logprobs, entropy), (h, w, targets, log_normalizer, entropy)
 
 
-def _chunk_logprobs_bwd(temperature, return_entropy, residuals, cotangents):
+def _chunk_logprobs_bwd(temperature, logit_bias, return_entropy, residuals, cotangents):
     h, w, targets, log_normalizer, entropy = residuals
     g_logprobs, g_entropy = cotangents
-    z = chunk_logits(h, w)
-    if temperature != 1.0:
-        z = z / temperature
+    z = sampled_logits(chunk_logits(h, w), temperature, logit_bias)  # the bias is constant: dz/dlogits = 1/T
     probs = jnp.exp(z - log_normalizer[..., None])
     one_hot = jnp.arange(z.shape[-1], dtype=jnp.int32) == targets[..., None].astype(jnp.int32)
     g_z = g_logprobs[..., None] * (one_hot - probs)

@@ -33,6 +33,7 @@ from jaxrl_vl.envs.base import (ChatEnv, StepResult, assistant_message, count_im
 from jaxrl_vl.rollout.client import VLLMClient, sampled_logprobs, weight_versions
 from jaxrl_vl.rollout.messages import to_openai_messages
 from jaxrl_vl.rollout.mm_decode import decode_kwargs_item
+from jaxrl_vl.rollout.server_pool import ServerPool
 from jaxrl_vl.rollout.trajectory import Segment, Trajectory
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class AgentConfig:
 # Tokens a reply must never contain: a sampled image placeholder would take a vision embedding
 # in the trainer (every image token does) but a text embedding in vLLM.
 BANNED_REPLY_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+BANNED_LOGIT_BIAS = -100.0  # the lowest vLLM accepts; exp(-100) leaves them no probability
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +99,18 @@ class SpecialTokens:
             raise ValueError(f"tokenizer lacks one of {names}: not a Qwen-VL chat tokenizer")
         banned = [tokenizer.convert_tokens_to_ids(t) for t in BANNED_REPLY_TOKENS]
         return cls(*ids, banned=tuple(i for i in banned if i is not None and i != tokenizer.unk_token_id))
+
+
+def logit_bias(tokens: SpecialTokens) -> tuple[tuple[int, float], ...]:
+    """The logit bias every rollout samples with, as (token id, bias) pairs: sent to vLLM, and the
+    trainer's `logit_bias` (train/rl_step.py) wherever vLLM reports processed logprobs."""
+    return tuple((t, BANNED_LOGIT_BIAS) for t in tokens.banned)
+
+
+def episode_request_id(step: int, group: int, sample: int) -> str:
+    """The episode's name in vLLM request ids (`<this>-turn<k>`), so server logs show which server
+    sampled which turn."""
+    return f"step{step}-group{group}-sample{sample}"
 
 
 def sampling_seed(*parts: int) -> int:
@@ -165,10 +179,12 @@ class _EpisodeState:
 
 
 async def generate_tokens(client: VLLMClient, token_ids: list[int], features: dict | None,
-                          sampling_params: dict) -> dict:
+                          sampling_params: dict, request_id: str | None = None) -> dict:
     """POST /inference/v1/generate with `return_token_ids` so vLLM echoes the prompt it saw."""
     body: dict[str, Any] = {"model": client.model, "token_ids": token_ids, "sampling_params": sampling_params,
                             "return_token_ids": True}
+    if request_id is not None:
+        body["request_id"] = request_id  # vLLM logs it (--enable-log-requests) as generate-tokens-<request_id>
     if features:
         body["features"] = features
     return await client.request("POST", "/inference/v1/generate", json=body)
@@ -221,9 +237,10 @@ async def run_episode(client: VLLMClient, env: ChatEnv, env_seed: int, config: A
                     "max_tokens": budget, "logprobs": 0, "stop_token_ids": [tokens.im_end],
                     "seed": sampling_seed(config.seed, step, group_index, sample_index, turn, env_seed)}
         if tokens.banned:
-            sampling["logit_bias"] = {str(t): -100.0 for t in tokens.banned}
+            sampling["logit_bias"] = {str(t): bias for t, bias in logit_bias(tokens)}
         started = time.perf_counter()
-        response = await generate_tokens(client, prompt, _wire_features(state.features), sampling)
+        response = await generate_tokens(client, prompt, _wire_features(state.features), sampling,
+                                         request_id=f"{episode_request_id(step, group_index, sample_index)}-turn{turn}")
         timing["generate"] += time.perf_counter() - started
         choice = response["choices"][0]
         sampled = [int(t) for t in choice["token_ids"]]
@@ -264,24 +281,37 @@ async def run_episode(client: VLLMClient, env: ChatEnv, env_seed: int, config: A
 
 async def run_groups(clients: Sequence[VLLMClient], make_episode_env: Callable[[], ChatEnv], env_seeds: Sequence[int],
                      config: AgentConfig, *, decode: Callable[[list[int]], str], tokens: SpecialTokens,
-                     step: int = 0, samples_per_group: int | None = None) -> list[list[Trajectory]]:
+                     step: int = 0, samples_per_group: int | None = None,
+                     pool: ServerPool | None = None) -> list[list[Trajectory]]:
     """`samples_per_group` episodes for each env seed (a group), at most
     `config.max_concurrent_episodes` at once. Returns groups [G][n] in seed order.
 
-    make_episode_env: a fresh env per episode (envs hold episode state). A group's episodes use
-    one server (clients[g % len(clients)]) so its prefix cache serves the shared prompt."""
+    make_episode_env: a fresh env per episode (envs hold episode state). Routing (rollout/server_pool.py):
+    every turn of an episode goes to one server, whose prefix and encoder caches hold the conversation so
+    far; a new episode goes to the server with the fewest active episodes. pool: the routing state, to share
+    it across calls (default: a new one over `clients`)."""
     if not clients:
         raise ValueError("run_groups needs at least one VLLMClient")
+    by_url = {c.base_url: c for c in clients}
+    if len(by_url) != len(clients):
+        raise ValueError(f"run_groups: two clients share a server URL in {[c.base_url for c in clients]}")
+    pool = ServerPool(list(by_url)) if pool is None else pool
+    if sorted(pool.urls) != sorted(by_url):
+        raise ValueError(f"run_groups: pool servers {pool.urls} differ from the clients' {list(by_url)}")
     n = config.samples_per_group if samples_per_group is None else samples_per_group
-    max_lens = [await c.server_max_model_len() for c in clients]
+    max_lens = {url: await c.server_max_model_len() for url, c in by_url.items()}
     semaphore = asyncio.Semaphore(config.max_concurrent_episodes)
 
     async def one(group: int, sample: int, env_seed: int) -> Trajectory:
         async with semaphore:
-            index = group % len(clients)
-            return await run_episode(clients[index], make_episode_env(), env_seed, config, decode=decode,
-                                     tokens=tokens, max_model_len=max_lens[index], group_index=group,
-                                     sample_index=sample, step=step)
+            episode = episode_request_id(step, group, sample)
+            url = pool.assign(episode)
+            try:
+                return await run_episode(by_url[url], make_episode_env(), env_seed, config, decode=decode,
+                                         tokens=tokens, max_model_len=max_lens[url], group_index=group,
+                                         sample_index=sample, step=step)
+            finally:
+                pool.release(episode)
 
     tasks = [[asyncio.ensure_future(one(g, s, seed)) for s in range(n)] for g, seed in enumerate(env_seeds)]
     try:

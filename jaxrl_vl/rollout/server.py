@@ -28,6 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_VLLM_VENV = REPO_ROOT / ".venv-vllm"
 LAUNCHER_NAME = "vllm-serve-jaxrl"
 VLLM_PLUGIN_NAMES = ("jaxrl_vl_weight_stream", "jaxrl_vl_weight_push")  # plugins/vllm_weight_stream
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")  # vLLM's logit modes would break sampled_logprobs
 SHM_WORKER_EXTENSION = "jaxrl_vl_vllm_plugin.shm_worker.ShmWeightsWorker"  # the `shm` weight push, same package
 
 
@@ -52,6 +53,10 @@ class ServerConfig:
     max_images_per_prompt: int = 4
     enforce_eager: bool = True  # CPU: faster start (no compile)
     seed: int = 0
+    # what sampled-token logprobs report: "raw_logprobs" (vLLM's default: the model's softmax at temperature 1,
+    # before logit bias) or "processed_logprobs" (the distribution sampled from: after logit bias and
+    # temperature; RL at rl.temperature != 1 needs it, see losses/rollout_correction.check_config)
+    logprobs_mode: str = "raw_logprobs"
     enable_lora: bool = False
     max_lora_rank: int = 16
     max_loras: int = 1
@@ -115,6 +120,9 @@ def server_command(config: ServerConfig, port: int) -> tuple[list[str], dict[str
         # come from the checkpoint's generation_config.json.
         "--enable-scale-out", "--seed", str(config.seed), "--generation-config", "vllm",
     ]
+    if config.logprobs_mode not in LOGPROBS_MODES:
+        raise ValueError(f"ServerConfig.logprobs_mode={config.logprobs_mode!r}: choose one of {LOGPROBS_MODES}")
+    argv += ["--logprobs-mode", config.logprobs_mode]
     if config.enforce_eager:
         argv.append("--enforce-eager")
     if config.device == "gpu":

@@ -2,17 +2,14 @@
 
 Each episode sticks to one server across its turns, so that server's prefix cache (and encoder
 cache) holds the conversation so far; a new episode goes to the server with the fewest active
-episodes (ties: fewest requests in flight, then list order). Weight pushes go to every server.
+episodes (ties: list order). Weight pushes go to every server. agent_loop.run_groups routes with it.
 
     pool = ServerPool([handle_a.url, handle_b.url])
     url = pool.assign("episode-17")          # same url for every turn of episode-17
-    async with pool.request("episode-17"):    # counts in-flight load
-        ...
     pool.release("episode-17")               # episode finished
     await pool.broadcast(push_fn)            # push_fn(url) on every server, all must succeed
 """
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -28,13 +25,12 @@ class ServerPool:
         self.urls = [u.rstrip("/") for u in urls]
         self._episode_to_url: dict[str, str] = {}
         self._active_episodes = {u: 0 for u in self.urls}
-        self._in_flight = {u: 0 for u in self.urls}
 
     def assign(self, episode_id: str) -> str:
         """The episode's server: its earlier one, else the least-loaded one."""
         url = self._episode_to_url.get(episode_id)
         if url is None:
-            url = min(self.urls, key=lambda u: (self._active_episodes[u], self._in_flight[u], self.urls.index(u)))
+            url = min(self.urls, key=lambda u: (self._active_episodes[u], self.urls.index(u)))
             self._episode_to_url[episode_id] = url
             self._active_episodes[url] += 1
         return url
@@ -45,18 +41,9 @@ class ServerPool:
         if url is not None:
             self._active_episodes[url] -= 1
 
-    @contextlib.asynccontextmanager
-    async def request(self, episode_id: str):
-        """Assigns the episode and counts one request in flight on its server while inside."""
-        url = self.assign(episode_id)
-        self._in_flight[url] += 1
-        try:
-            yield url
-        finally:
-            self._in_flight[url] -= 1
-
-    def load(self) -> dict[str, dict[str, int]]:
-        return {u: {"active_episodes": self._active_episodes[u], "in_flight": self._in_flight[u]} for u in self.urls}
+    def load(self) -> dict[str, int]:
+        """Active episodes per server."""
+        return dict(self._active_episodes)
 
     async def broadcast(self, fn: Callable[[str], Awaitable[Any]]) -> list[Any]:
         """Runs `fn(url)` on every server concurrently. Returns results in URL order; if any fail,

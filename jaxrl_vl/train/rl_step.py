@@ -52,17 +52,20 @@ def shifted_rl_inputs(batch: dict) -> dict:
 
 
 def trainer_logprobs(params: dict, batch: dict, targets: jax.Array, forward: Forward, *,
-                     temperature: float = 1.0):
-    """-> (logprobs fp32 [B, L], entropy fp32 [B, L]) of `targets` under the model at `temperature` (vLLM's
-    sampled-token logprobs are of the temperature-scaled softmax). Chunked with batch["target_positions"]:
-    logits at those positions only, 0 elsewhere."""
+                     temperature: float = 1.0, logit_bias: tuple = ()):
+    """-> (logprobs fp32 [B, L], entropy fp32 [B, L]) of `targets` under softmax((logits + logit_bias) /
+    temperature): the distribution vLLM sampled from, as its processed logprobs report (its raw ones are
+    temperature 1 without bias). Chunked with batch["target_positions"]: logits at those positions only, 0
+    elsewhere."""
     if forward.loss_chunk_size > 0:
         length = targets.shape[1]
         hidden, targets = at_target_positions(batch, forward.hidden(params, batch), targets)
         out = chunked_token_logprobs(hidden, forward.unembedding(params), targets, chunk_size=forward.loss_chunk_size,
-                                     dtype=hidden.dtype, temperature=temperature, return_entropy=True)
+                                     dtype=hidden.dtype, temperature=temperature, logit_bias=logit_bias,
+                                     return_entropy=True)
         return from_target_positions(batch, length, *out)
-    return token_logprobs(forward.logits(params, batch), targets, temperature=temperature, return_entropy=True)
+    return token_logprobs(forward.logits(params, batch), targets, temperature=temperature, logit_bias=logit_bias,
+                          return_entropy=True)
 
 
 def loss_weight_count(loss_config: PolicyLossConfig, mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -87,7 +90,7 @@ def _drift_stats(logprobs, shifted, mask, max_turns_logged: int) -> dict:
 
 
 def rl_loss(forward: Forward, loss_config: PolicyLossConfig, *, max_turns_logged: int = 8,
-            temperature: float = 1.0) -> StepLoss:
+            temperature: float = 1.0, logit_bias: tuple = ()) -> StepLoss:
     def totals(batches):
         counts = jax.vmap(lambda b: loss_weight_count(loss_config, shifted_rl_inputs(b)["loss_mask"],
                                                       b["segment_ids"]))(batches)
@@ -96,7 +99,8 @@ def rl_loss(forward: Forward, loss_config: PolicyLossConfig, *, max_turns_logged
     def loss(params, micro, total_count):
         shifted = shifted_rl_inputs(micro)
         mask = shifted["loss_mask"]
-        logprobs, entropy = trainer_logprobs(params, micro, shifted["targets"], forward, temperature=temperature)
+        logprobs, entropy = trainer_logprobs(params, micro, shifted["targets"], forward, temperature=temperature,
+                                             logit_bias=logit_bias)
         rollout = shifted["rollout_logprobs"]
         value, metrics = compute_policy_loss(
             loss_config, logprobs, shifted.get("old_logprobs", rollout), shifted["advantages"], mask,
@@ -127,23 +131,28 @@ def rl_loss(forward: Forward, loss_config: PolicyLossConfig, *, max_turns_logged
 
 
 def make_rl_step(forward: Forward, optimizer, schedule, loss_config: PolicyLossConfig, view: ParamsView | None = None,
-                 *, max_turns_logged: int = 8, temperature: float = 1.0, **kwargs):
+                 *, max_turns_logged: int = 8, temperature: float = 1.0, logit_bias: tuple = (), **kwargs):
     """-> jitted step(state, batches [A, ...]) -> (state, metrics of fp32 scalars); kwargs: make_update_step's.
     Metrics: loss, policy_loss, clip_fraction (and the loss's other indicators), entropy, drift_mean / drift_max
     (|trainer - vLLM| logprob on sampled tokens, pre-update params), drift_turn_<k>, kl_to_ref (with
-    ref_logprobs), ratio stats, grad_norm, learning_rate, loss_tokens."""
-    loss = rl_loss(forward, loss_config, max_turns_logged=max_turns_logged, temperature=temperature)
+    ref_logprobs), ratio stats, grad_norm, learning_rate, loss_tokens. temperature, logit_bias: the rollouts'
+    sampling (agent_loop.trainer_logit_bias); every logprob is scored under it (servers reporting processed
+    logprobs, ServerConfig.logprobs_mode; raw ones are T=1)."""
+    loss = rl_loss(forward, loss_config, max_turns_logged=max_turns_logged, temperature=temperature,
+                   logit_bias=logit_bias)
     return make_update_step(loss, optimizer, schedule, view or ParamsView(forward.dtype), **kwargs)
 
 
-def make_score_batches(forward: Forward, view: ParamsView | None = None, *, temperature: float = 1.0, mesh=None):
+def make_score_batches(forward: Forward, view: ParamsView | None = None, *, temperature: float = 1.0,
+                       logit_bias: tuple = (), mesh=None):
     """-> jitted score(params, lora, batches [A, ...]) -> trainer logprobs fp32 [A, B, L] aligned with the
     tokens (index t = logprob of token t; 0 at t = 0), one forward per micro-batch: the old policy's logprobs
     (before the first update of an RL step) and the reference policy's (KL; lora None = the base model)."""
     view = view or ParamsView(forward.dtype)
 
     def score_one(params, batch):
-        logprobs, _ = trainer_logprobs(params, batch, shift_left(batch["input_ids"]), forward, temperature=temperature)
+        logprobs, _ = trainer_logprobs(params, batch, shift_left(batch["input_ids"]), forward, temperature=temperature,
+                                       logit_bias=logit_bias)
         return jnp.concatenate([jnp.zeros_like(logprobs[:, :1]), logprobs[:, :-1]], axis=1)
 
     def score(params, lora, batches):
