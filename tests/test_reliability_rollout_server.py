@@ -54,10 +54,10 @@ def kill_hook(monkeypatch):
     import asyncio
 
     from jaxrl_vl.rollout import agent_loop, server
-    from jaxrl_vl.train import rl_loop
+    from jaxrl_vl.train import rl_rollouts
 
     hook = {"kill_step": None, "armed": False, "killed_at": None, "started": [], "start_times": []}
-    real_start, real_generate, real_run_groups = server.start_server, agent_loop.generate_tokens, rl_loop.run_groups
+    real_start, real_generate, real_run_groups = server.start_server, agent_loop.generate_tokens, rl_rollouts.run_groups
 
     def start_server(config):
         hook["start_times"].append(time.monotonic())
@@ -82,7 +82,7 @@ def kill_hook(monkeypatch):
 
     monkeypatch.setattr(server, "start_server", start_server)
     monkeypatch.setattr(agent_loop, "generate_tokens", generate_tokens)
-    monkeypatch.setattr(rl_loop, "run_groups", run_groups)
+    monkeypatch.setattr(rl_rollouts, "run_groups", run_groups)
     return hook
 
 
