@@ -25,7 +25,7 @@ from jaxrl_vl.models.inputs import shard_grids
 from jaxrl_vl.models.vision_inputs import agree_shapes, slot_shape
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from shard_cases import LAYOUT_A, LAYOUT_B, image_rows, spread_params, tiny_config  # noqa: E402
+from tiny_vl import LAYOUT_A, LAYOUT_B, image_rows, spread_params, tiny_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-5
@@ -126,7 +126,7 @@ SHARDED_CHECK = textwrap.dedent(r'''
     from jaxrl_vl.models.vision_inputs import agree_shapes
     sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
     from hlo_collectives import collectives
-    from shard_cases import LAYOUT_B, image_rows, spread_params, tiny_config
+    from tiny_vl import LAYOUT_B, image_rows, spread_params, tiny_config
     assert jax.device_count() == 8
 
     config = tiny_config()

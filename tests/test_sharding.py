@@ -247,6 +247,11 @@ def test_partition_rules_by_name():
     from jaxrl_vl.sharding import batch_partition_spec
     assert batch_partition_spec("target_positions", (4, 96), batch_size=4, seq_len=128) == P(("data", "fsdp"))
     assert batch_partition_spec("input_ids", (4, 128), batch_size=4, seq_len=128) == P(("data", "fsdp"))
+    # vision arrays split their leading batch-shard axis; the host-side image grid stays whole
+    for key, shape in (("pixel_values", (2, 80, 96)), ("vision_slot_patches", (2, 3, 64)),
+                       ("vision_merged_rows", (2, 20))):
+        assert batch_partition_spec(key, shape, batch_size=4, seq_len=128) == P(("data", "fsdp")), key
+    assert batch_partition_spec("image_grid_thw", (3, 3), batch_size=4, seq_len=128) == P()
     # optimizer-state paths end with the param's name: same rule
     assert spec("0.mu.model.language_model.layers.self_attn.o_proj.weight", (3, 64, 64))[0] == \
         P(None, "fsdp", "tensor")

@@ -1,4 +1,5 @@
-"""Tiny Qwen-VL configs and image rows shared by tests/test_models_shards.py and its subprocess."""
+"""Tiny random Qwen-VL models for tests: configs, spread-out params and rows with images (also imported by
+test subprocesses)."""
 from __future__ import annotations
 
 import jax
