@@ -181,7 +181,7 @@ class VisionShapes(NamedTuple):
     slots: SlotShape
 
 
-_NO_FRAME = -(1 << 62)  # the negated shortest frame of a shard without frames: below every real one
+_NO_FRAME = -(2 ** 31 - 1)  # the negated shortest frame of a shard without frames: below every real one
 
 
 def _local_max(vectors: list[np.ndarray]) -> np.ndarray:
@@ -210,7 +210,7 @@ def agree_shapes(vision_config, shard_grids, *, reduce_max=None, num_slots_multi
     """The patch count and slot layout that fit every shard of `shard_grids` (one image_grid_thw [n, 3] per
     batch shard, e.g. models.inputs.shard_grids; pass every micro-batch's shards when they will be stacked).
 
-    reduce_max: int64 vector -> its elementwise max over every process (default: this process's shards only).
+    reduce_max: int32 vector -> its elementwise max over every process (default: this process's shards only).
     Multi-host, `lambda v: np.max(jax.experimental.multihost_utils.process_allgather(v), axis=0)`: it is called
     twice, on vectors of fixed length, so every process gets the same shapes as one process holding all shards
     would. num_patches is the most real patches of any shard, rounded up to spatial_merge_size**2 (bucket it
@@ -220,13 +220,13 @@ def agree_shapes(vision_config, shard_grids, *, reduce_max=None, num_slots_multi
     if not frames:
         raise ValueError("agree_shapes: shard_grids is empty; give one image_grid_thw [n, 3] per batch shard")
     needs = [np.array([int(s.sum()), int(s.max(initial=0)), -int(s.min()) if len(s) else _NO_FRAME,
-                       int(w.max(initial=0))], np.int64) for s, w in frames]
+                       int(w.max(initial=0))], np.int32) for s, w in frames]
     patches, longest, negated_shortest, most_windows = (int(x) for x in reduce_max(_local_max(needs)))
     slot_len, windows_per_slot = _slot_dims(vision_config, longest, -negated_shortest, most_windows)
     used = []
     for sizes, windows in frames:
         *_, slot_windows = _pack(sizes, windows, slot_len, windows_per_slot)
-        used.append(np.array([len(slot_windows), len(slot_windows) < len(sizes)], np.int64))
+        used.append(np.array([len(slot_windows), len(slot_windows) < len(sizes)], np.int32))
     num_slots, packed = (int(x) for x in reduce_max(_local_max(used)))
     multiple = int(num_slots_multiple)
     unit = int(vision_config.spatial_merge_size) ** 2
