@@ -216,7 +216,7 @@ def _apply_qwen3(params, vision_config, x, vinputs, dtype, remat):
     weights = vinputs["vision_slot_interp_weights"].astype(jnp.float32)
     # The whole (small) table on every device, so each looks up its own slots' taps (else XLA gathers every
     # slot's indices to look them up in its FSDP slice of the table).
-    table = constrain(params["pos_embed"]["weight"].astype(jnp.float32), None, None)
+    table = constrain(jnp.asarray(params["pos_embed"]["weight"], jnp.float32), None, None)
     pos = constrain(jnp.sum(table[vinputs["vision_slot_interp_indices"]] * weights[..., None], axis=-2),
                     BATCH, None, None)
     x = x + pos.astype(x.dtype)
