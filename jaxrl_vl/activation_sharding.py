@@ -22,6 +22,7 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxrl_vl.sharding import BATCH_MESH_AXES
@@ -88,3 +89,21 @@ def constrain(x: jax.Array, *dims: str | None) -> jax.Array:
     if mesh.empty or mesh.size == 1 or mesh.manual_axes:
         return x
     return jax.lax.with_sharding_constraint(x, activation_spec(mesh, tuple(x.shape), dims))
+
+
+def take_per_shard(table: jax.Array, index: jax.Array, axis: int = 0) -> jax.Array:
+    """`jnp.take(mode="fill", fill_value=0)` within each batch shard (models.inputs): table has the shard axis
+    at `axis` and the gathered one after it, index [S, ...] holds rows local to each shard (out of range: 0).
+    -> table's shape with the gathered axis replaced by index.shape[1:].
+
+    A gather batched over the shard axis, which is pinned to the batch mesh axes on table, index and result, so
+    every device gathers from its own shards: nothing is all-gathered. One shard: the plain gather of an
+    unsharded batch (same program, no batching dims)."""
+    take = lambda t, i: jnp.take(t, i, axis=axis, mode="fill", fill_value=0)
+    if table.shape[axis] == 1:
+        return jnp.expand_dims(take(jnp.squeeze(table, axis), index[0]), axis)
+    shard_dims = lambda ndim, at: [BATCH if d == at else None for d in range(ndim)]
+    table = constrain(table, *shard_dims(table.ndim, axis))
+    index = constrain(index, *shard_dims(index.ndim, 0))
+    out = jax.vmap(take, in_axes=(axis, 0), out_axes=axis)(table, index)
+    return constrain(out, *shard_dims(out.ndim, axis))

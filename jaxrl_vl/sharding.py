@@ -203,13 +203,21 @@ def describe_param_sharding(params, mesh: Mesh,
     return lines
 
 
+def is_vision_shard_key(key: str) -> bool:
+    """Arrays with a leading batch-shard axis (models.inputs.make_batch): pixel_values and the vision_* metadata."""
+    return key == "pixel_values" or key.startswith("vision_")
+
+
 def batch_partition_spec(key: str, shape: tuple[int, ...], batch_size: int,
                          seq_len: int | None) -> P:
     """Per-token arrays [B, L, ...], `target_positions` [B, T] and per-row arrays [B] (make_batch's scalar
-    extras) split dim 0 over (data, fsdp); M-RoPE `position_ids` [3, B, L] split dim 1; vision arrays (pixel
-    patches of all rows, grid sizes, `vision_*` metadata) and anything else are replicated
-    (`batch_shardings` splits the vision slot arrays, see there)."""
-    if key.startswith("vision_") or key in ("pixel_values", "image_grid_thw"):
+    extras) split dim 0 over (data, fsdp); M-RoPE `position_ids` [3, B, L] split dim 1; the vision arrays
+    (pixel_values [S, P_s, D], vision_* [S, ...]) split their batch-shard axis S, dim 0, over (data, fsdp) too,
+    so each device holds its own rows' images (`batch_shardings` checks that the mesh divides S);
+    `image_grid_thw` (host side) and anything else is replicated."""
+    if is_vision_shard_key(key):
+        return P(BATCH_MESH_AXES)
+    if key == "image_grid_thw":
         return P()
     if len(shape) >= 2 and shape[:2] == (batch_size, seq_len):
         return P(BATCH_MESH_AXES)
@@ -222,10 +230,25 @@ def batch_partition_spec(key: str, shape: tuple[int, ...], batch_size: int,
     return P()
 
 
+def _check_vision_shards(batch: dict, split: int) -> None:
+    """Every vision array has the same number S of batch shards, and data*fsdp divides it."""
+    shards = {key: int(np.shape(value)[0]) for key, value in batch.items() if is_vision_shard_key(key)}
+    counts = set(shards.values())
+    if len(counts) > 1:
+        raise ValueError(f"the vision arrays disagree on the number of batch shards (leading axis): {shards}; "
+                         "build them together with models.make_batch")
+    if counts and next(iter(counts)) % split:
+        num_shards = next(iter(counts))
+        raise ValueError(f"the batch has {num_shards} vision batch shard(s) (pixel_values' leading axis) but the "
+                         f"mesh splits the batch over data*fsdp={split} devices; build it with "
+                         f"models.make_batch(..., num_shards={split}) (or a multiple of {split}), so each "
+                         "device holds its own rows' images")
+
+
 def batch_shardings(batch: dict, mesh: Mesh, extra_batch_keys: tuple[str, ...] = ()) -> dict:
     """NamedShardings for a model batch dict (see `batch_partition_spec`). `extra_batch_keys`
     names other arrays with leading dim B (e.g. [B, K] per-row features) to split as well.
-    B must divide by data*fsdp (pad the batch otherwise)."""
+    B must divide by data*fsdp (pad the batch otherwise), and so must the vision arrays' batch shards S."""
     if "input_ids" not in batch:
         raise ValueError(f"batch needs 'input_ids' [B, L] to find the batch size; keys: "
                          f"{sorted(batch)}")
@@ -235,17 +258,11 @@ def batch_shardings(batch: dict, mesh: Mesh, extra_batch_keys: tuple[str, ...] =
         raise ValueError(f"batch size {batch_size} is not divisible by data*fsdp={split}; pad "
                          f"the batch to a multiple of {split} rows (padding rows have "
                          f"segment_ids 0) or change the mesh")
+    _check_vision_shards(batch, split)
     out = {}
     for key, value in batch.items():
         shape = tuple(np.shape(value))
-        if key.startswith("vision_slot_"):
-            # The vision tower runs in slot layout [N, L, ...] and every op on it is per slot, so
-            # splitting N splits the vision compute (pixel_values stays replicated: each device
-            # gathers its own slots' patches). Callers round N to a multiple of data*fsdp
-            # (vision_inputs.slot_shape's num_slots_multiple); a count the mesh does not divide stays
-            # replicated (correct, just not split).
-            spec = P(BATCH_MESH_AXES) if shape and shape[0] % split == 0 else P()
-        elif key in extra_batch_keys:
+        if key in extra_batch_keys:
             if not shape or shape[0] != batch_size:
                 raise ValueError(f"batch[{key!r}] has shape {shape}; extra_batch_keys need "
                                  f"leading dim B={batch_size}")

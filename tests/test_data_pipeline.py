@@ -159,7 +159,7 @@ def test_end_to_end_digits_batches_and_resume(tmp_path, model_dir, renderer):
     assert len(batches) == 6
     batch = batches[0]
     assert batch["input_ids"].shape == (4, 64) and batch["position_ids"].shape == (3, 4, 64)
-    assert batch["pixel_values"].dtype == np.float32 and batch["pixel_values"].shape[0] == 64
+    assert batch["pixel_values"].dtype == np.float32 and batch["pixel_values"].shape[:2] == (1, 64)
     assert batch["loss_mask"].sum() > 0 and set(np.unique(batch["segment_ids"])) == {0, 1}
     iterator = iter(make_dataset(examples, spec, collate))
     next(iterator), next(iterator)

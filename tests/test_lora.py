@@ -173,7 +173,7 @@ def test_peft_export_loads_in_peft_with_same_logits(case, tmp_path):
             input_ids=input_ids,
             attention_mask=torch.tensor(batch["segment_ids"] > 0, dtype=torch.long),
             mm_token_type_ids=(input_ids == case["config"].image_token_id).long(),
-            pixel_values=torch.tensor(batch["pixel_values"][:real_patches]),
+            pixel_values=torch.tensor(batch["pixel_values"][0, :real_patches]),  # one batch shard
             image_grid_thw=torch.tensor(grid, dtype=torch.long)).logits.float().numpy()
     real = _real(case)
     np.testing.assert_allclose(theirs[real], overlaid[real], atol=TOLERANCE)

@@ -239,7 +239,7 @@ def test_make_batch_fixed_shapes_and_errors(model_dirs):
             {"input_ids": np.array([8, 9], np.int32), "loss_mask": np.array([1, 1], np.float32)}]
     plain = make_batch(rows, config)
     padded = make_batch(rows, config, pad_to_length=8, pad_patches_to=32)
-    assert padded["input_ids"].shape == (2, 8) and padded["pixel_values"].shape == (32, config.vision.patch_dim)
+    assert padded["input_ids"].shape == (2, 8) and padded["pixel_values"].shape == (1, 32, config.vision.patch_dim)
     np.testing.assert_array_equal(padded["loss_mask"], [[0, 1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]])
     # padding patches (no image tokens) change nothing
     np.testing.assert_allclose(np.asarray(apply(params, padded, config))[:, :3],

@@ -14,7 +14,9 @@ import optax
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import check_parity  # noqa: E402
+from tiny_vl import spread_params  # noqa: E402
 
 from jaxrl_vl import models, sharding  # noqa: E402
 from jaxrl_vl.models.config import ModelConfig  # noqa: E402
@@ -41,21 +43,11 @@ def _config(arch: str) -> ModelConfig:
                                      "vision_config": vision, **SPECIAL_IDS})
 
 
-def _params(config: ModelConfig) -> dict:
-    """Random stacked params spread out (norms ~1, the rest N(0, 0.15^2)) so logits and grads are O(1)."""
-    params = models.init(config, jax.random.key(0))
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [
-        (1.0 + 0.2 * jax.random.normal(k, x.shape)) if "norm" in jax.tree_util.keystr(p)
-        else 0.15 * jax.random.normal(k, x.shape) for (p, x), k in zip(leaves, keys)])
-
-
 @pytest.fixture(scope="module", params=ARCHS)
 def model(request):
     config = _config(request.param)
     rows = check_parity._synthetic_rows(config, np.random.default_rng(0))
-    return config, _params(config), models.make_batch(rows, config)
+    return config, spread_params(config), models.make_batch(rows, config)
 
 
 def _assert_trees_equal(a, b, atol=0.0):

@@ -31,7 +31,6 @@ SHARDED_CHECK = textwrap.dedent(r'''
     from jaxrl_vl.models import lora as lora_lib
     from jaxrl_vl.models.config import ModelConfig
     from jaxrl_vl.models.vision import apply_vision
-    from jaxrl_vl.models.vision_inputs import slot_shape
 
     assert jax.device_count() == 8, jax.devices()
     hf = {"model_type": "qwen3_vl", "tie_word_embeddings": False, "image_token_id": 250,
@@ -59,10 +58,8 @@ SHARDED_CHECK = textwrap.dedent(r'''
         ids = row["input_ids"]
         row["targets"] = np.roll(ids, -1)
         row["weights"] = np.where(ids == config.image_token_id, 0.0, 1.0).astype(np.float32)
-    # the vision slots are rounded up to a multiple of data*fsdp = 4 devices, so they split evenly
-    grid = np.concatenate([row["image_grid_thw"] for row in rows if "image_grid_thw" in row])
-    slots = slot_shape(config.vision, grid, num_slots_multiple=4)
-    batch = {k: jnp.asarray(v) for k, v in models.make_batch(rows, config, vision_slots=slots).items()}
+    # one batch shard per row (row 1 has no image), split over data*fsdp = 4 devices with its rows
+    batch = {k: jnp.asarray(v) for k, v in models.make_batch(rows, config, num_shards=4).items()}
     lora_cfg = lora_lib.LoraConfig(rank=2, alpha=4.0, targets=("attention", "mlp", "unembed"))
     lora = jax.tree.map(lambda x: x + 0.1, lora_lib.init_lora(params, lora_cfg, jax.random.key(2)))
 
@@ -93,8 +90,8 @@ SHARDED_CHECK = textwrap.dedent(r'''
         traced_under_mesh(grad_fn, mesh), in_shardings=(p_shard, l_shard, b_shard),
         out_shardings=(sharding.replicated(mesh), (p_shard, l_shard)))(sp, sl, sb)
 
-    # Per-device FLOPs of the vision tower alone: the slot axis is split 4 ways (data x fsdp) on top of
-    # the tensor split, so each device runs ~1/8 of it (replicated slots would give ~0.36).
+    # Per-device FLOPs of the vision tower alone: the batch-shard axis is split 4 ways (data x fsdp) on top of
+    # the tensor split, so each device runs ~1/8 of it (replicated shards would give ~0.36).
     vision = lambda p, b: apply_vision(
         p["model"]["visual"], config.vision, b["pixel_values"],
         {k: v for k, v in b.items() if k.startswith("vision_")})[0]
@@ -202,9 +199,9 @@ def test_params_and_batch_are_actually_split(sharded_result):
     assert r["q_proj_shard_shape"] == [2, 16, 16]
     assert r["input_ids_spec"] == [["data", "fsdp"]]
     assert r["position_ids_spec"] == [None, ["data", "fsdp"]]
-    assert r["pixel_values_spec"] == []
-    # 5 frames packed into 2 vision slots, rounded up to 4 and split over data x fsdp: the vision
-    # compute is split, not replicated
+    # 4 batch shards (one per row) of vision arrays, split over data x fsdp with their rows: each device holds
+    # and embeds only its own rows' images, and the vision compute is split, not replicated
+    assert r["pixel_values_spec"] == [["data", "fsdp"]]
     assert r["vision_slot_patches_spec"] == [["data", "fsdp"]]
     assert r["vision_flops_ratio"] < 0.25, r
 
@@ -250,6 +247,11 @@ def test_partition_rules_by_name():
     from jaxrl_vl.sharding import batch_partition_spec
     assert batch_partition_spec("target_positions", (4, 96), batch_size=4, seq_len=128) == P(("data", "fsdp"))
     assert batch_partition_spec("input_ids", (4, 128), batch_size=4, seq_len=128) == P(("data", "fsdp"))
+    # vision arrays split their leading batch-shard axis; the host-side image grid stays whole
+    for key, shape in (("pixel_values", (2, 80, 96)), ("vision_slot_patches", (2, 3, 64)),
+                       ("vision_merged_rows", (2, 20))):
+        assert batch_partition_spec(key, shape, batch_size=4, seq_len=128) == P(("data", "fsdp")), key
+    assert batch_partition_spec("image_grid_thw", (3, 3), batch_size=4, seq_len=128) == P()
     # optimizer-state paths end with the param's name: same rule
     assert spec("0.mu.model.language_model.layers.self_attn.o_proj.weight", (3, 64, 64))[0] == \
         P(None, "fsdp", "tensor")

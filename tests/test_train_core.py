@@ -39,7 +39,7 @@ RL_SHARDED_CHECK = textwrap.dedent(r'''
                    turn_ids=(np.where(np.arange(len(ids)) < 22, 0, 1) * (mask > 0) - (mask == 0)).astype(np.int32),
                    rollout_logprobs=mask * -2.0)
         rows.append(row)
-    batch = split_host_stats(rl_micro_batches(rows, config, num_micro_batches=2, rows_multiple=4))[0]
+    batch = split_host_stats(rl_micro_batches(rows, config, num_micro_batches=2, rows_multiple=4, num_shards=4))[0]
     loss = rl_loss(Forward(config, loss_chunk_size=16), PolicyLossConfig(name="ppo", clip_eps_high=0.28))
     # SGD: the update is the gradient itself (Adam's first step, ~lr * sign(g), turns float-order noise on
     # near-zero gradients into lr-sized differences; the gradients themselves are compared directly too)

@@ -265,7 +265,7 @@ def stacked_batch(args, config, rows, mesh) -> dict:
     from jaxrl_vl import models, sharding
     from jaxrl_vl.losses.target_positions import target_positions
 
-    batch = models.make_batch(rows, config, pad_to_length=args.seq_len)
+    batch = models.make_batch(rows, config, pad_to_length=args.seq_len, num_shards=args.mesh)
     batch = {k: v[None] for k, v in batch.items() if k != "image_grid_thw"}  # host-side only
     if args.target_positions_multiple > 0:
         batch["target_positions"] = target_positions(batch["loss_mask"], args.target_positions_multiple)
@@ -304,8 +304,8 @@ def run_jax(args, config, rows) -> dict:
     optimizer, schedule = bench_optimizer(args, 2 * args.steps + 2)
     state, lora_cfg = init_state(args, config, mesh, optimizer)
     batch = stacked_batch(args, config, rows, mesh)
-    # The vision tower runs on [slots, slot_len] (same-size frames: one per slot; models.vision_inputs), split over
-    # the FSDP devices when they divide the slot count.
+    # The vision tower runs on [shards, slots, slot_len] (same-size frames: one per slot; models.vision_inputs), one
+    # batch shard per FSDP device.
     vision_slots = list(np.shape(batch["vision_slot_patches"]))[1:] if "vision_slot_patches" in batch else None
     jax.block_until_ready((state, batch))
     init_s = time.perf_counter() - started

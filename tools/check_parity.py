@@ -113,7 +113,7 @@ def _torch_logits(model_dir: str, config, batch: dict) -> tuple[np.ndarray, floa
     if "pixel_values" in batch:
         grid = batch["image_grid_thw"]
         real = int(np.prod(grid, axis=1).sum())
-        kwargs["pixel_values"] = torch.tensor(batch["pixel_values"][:real])
+        kwargs["pixel_values"] = torch.tensor(batch["pixel_values"][0, :real])  # make_batch: one batch shard
         kwargs["image_grid_thw"] = torch.tensor(grid, dtype=torch.long)
     start = time.perf_counter()
     with torch.no_grad():

@@ -5,9 +5,23 @@ shape arrays `models.apply` consumes:
   input_ids    int32 [B, L]      right-padded with the pad id
   segment_ids  int32 [B, L]      0 = padding, 1.. = packed example index (unpacked rows: 1 where real)
   position_ids int32 [3, B, L]   M-RoPE positions (models.rope.mrope_position_ids)
-  pixel_values float32 [P, C*T*p*p], image_grid_thw int32 [N_img, 3], vision_* (models.vision_inputs)
+  pixel_values float32 [S, P_s, C*T*p*p] and vision_* [S, ...] (models.vision_inputs), per batch shard
+  image_grid_thw int32 [N_img, 3]  every image of the batch in row order (host side: rope, reference models)
   plus every per-token extra of the rows (e.g. loss_mask) padded with zeros to [B, L], and per-row scalars
   stacked to [B].
+
+Batch shards (num_shards=S): rows b*B/S .. (b+1)*B/S - 1 form shard b, and each shard carries only its own
+rows' images: its pixel rows (real ones first, then zeros up to P_s) and its vision_* metadata with indices
+local to the shard, every shard padded to one P_s and one SlotShape. The model runs the vision tower per
+shard and places a shard's image embeddings only in that shard's rows, so with S = the mesh's data*fsdp
+(sharding.batch_shardings splits the shard axis over it) no pixel or image embedding crosses devices, and a
+host needs only its own rows' images. S = 1 (the default) is one shard holding every image.
+
+Multi-host (each process collates only its own shards): agree the shapes first, then pad to them:
+  grids = shard_grids(local_rows, local_shards)
+  shapes = vision_inputs.agree_shapes(config.vision, grids, reduce_max=<elementwise max over processes>)
+  make_batch(local_rows, config, pad_to_length=<agreed L>, pad_patches_to=shapes.num_patches,
+             vision_slots=shapes.slots, num_shards=local_shards)
 """
 from __future__ import annotations
 
@@ -15,7 +29,7 @@ import numpy as np
 
 from jaxrl_vl.models.config import ModelConfig
 from jaxrl_vl.models.rope import mrope_position_ids
-from jaxrl_vl.models.vision_inputs import SlotShape, vision_inputs
+from jaxrl_vl.models.vision_inputs import SlotShape, agree_shapes, vision_inputs
 
 _RESERVED = ("input_ids", "pixel_values", "image_grid_thw", "segment_ids")
 
@@ -38,8 +52,7 @@ def _check_row(i: int, row: dict, config: ModelConfig) -> tuple[np.ndarray, np.n
     if "input_ids" not in row:
         raise ValueError(f"row {i}: missing 'input_ids'")
     ids = np.asarray(row["input_ids"]).reshape(-1)
-    grid = row.get("image_grid_thw")
-    grid = np.zeros((0, 3), np.int64) if grid is None else np.asarray(grid, np.int64).reshape(-1, 3)
+    grid = _row_grid(row)
     pixels = row.get("pixel_values")
     merge = config.vision.spatial_merge_size
     patches = int(np.prod(grid, axis=1).sum()) if len(grid) else 0
@@ -62,17 +75,41 @@ def _check_row(i: int, row: dict, config: ModelConfig) -> tuple[np.ndarray, np.n
     return ids, grid, (pixels if patches else None)
 
 
+def split_shards(rows: list, num_shards: int) -> list[list]:
+    """rows -> num_shards contiguous groups of len(rows) // num_shards rows (the batch shards)."""
+    num_shards = int(num_shards)
+    if num_shards < 1 or len(rows) % num_shards:
+        raise ValueError(f"num_shards={num_shards} must be >= 1 and divide the {len(rows)} rows; pad the batch "
+                         f"to a multiple of {max(num_shards, 1)} rows (padding rows have no tokens)")
+    size = len(rows) // num_shards
+    return [rows[s * size:(s + 1) * size] for s in range(num_shards)]
+
+
+def _row_grid(row: dict) -> np.ndarray:
+    grid = row.get("image_grid_thw")
+    return np.zeros((0, 3), np.int64) if grid is None else np.asarray(grid, np.int64).reshape(-1, 3)
+
+
+def _concat_grids(grids) -> np.ndarray:
+    return np.concatenate(list(grids) + [np.zeros((0, 3), np.int64)])
+
+
+def shard_grids(rows: list[dict], num_shards: int = 1) -> list[np.ndarray]:
+    """image_grid_thw [n, 3] of each batch shard's images (rows in order), what vision_inputs.agree_shapes takes."""
+    return [_concat_grids(_row_grid(row) for row in shard) for shard in split_shards(rows, num_shards)]
+
+
 def make_batch(rows: list[dict], config: ModelConfig, pad_to_length: int | None = None,
                pad_patches_to: int | None = None, pad_id: int | None = None,
-               vision_slots: SlotShape | None = None) -> dict[str, np.ndarray]:
-    """Collate rows (see module doc) into one right-padded batch.
+               vision_slots: SlotShape | None = None, num_shards: int = 1) -> dict[str, np.ndarray]:
+    """Collate rows (see module doc) into one right-padded batch of `num_shards` batch shards.
 
-    pad_to_length: L (default: the longest row). pad_patches_to: P (default: total real patches, rounded
-    up to a multiple of merge**2); with it set, pixel arrays are present even for text-only batches so
-    jitted shapes stay fixed. pad_id: token used for padding (default config.pad_token_id, else 0).
-    vision_slots: the vision tower's slot layout shape (default: bucketed from this batch's images);
-    batches that will be stacked need one shared `vision_inputs.slot_shape(config.vision, *grids)`.
-    """
+    pad_to_length: L (default: the longest row). pad_patches_to: P_s, pixel rows per shard (default: the most
+    real patches of any shard, rounded up to a multiple of merge**2); with it set, pixel arrays are present even
+    for text-only batches so jitted shapes stay fixed. pad_id: token used for padding (default
+    config.pad_token_id, else 0). vision_slots: every shard's slot layout shape (default: from this batch's
+    shards, `vision_inputs.agree_shapes`); batches that will be stacked, or shards collated by different
+    processes, need one shared shape (agree_shapes over all of their shards)."""
     if not rows:
         raise ValueError("make_batch: rows is empty")
     checked = [_check_row(i, row, config) for i, row in enumerate(rows)]
@@ -84,9 +121,22 @@ def make_batch(rows: list[dict], config: ModelConfig, pad_to_length: int | None 
         pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     if pad_id == config.image_token_id:
         raise ValueError(f"pad_id={pad_id} equals image_token_id; choose another pad id")
-    batch_size = len(rows)
-    input_ids = np.full((batch_size, length), pad_id, np.int32)
-    segment_ids = np.zeros((batch_size, length), np.int32)
+    input_ids, segment_ids = _tokens(rows, checked, length, pad_id)
+    grid = _concat_grids(g for _, g, _ in checked).astype(np.int32)
+    out: dict[str, np.ndarray] = {"input_ids": input_ids, "segment_ids": segment_ids}
+    out["position_ids"] = mrope_position_ids(input_ids, segment_ids, grid, config.image_token_id,
+                                             config.vision.spatial_merge_size)
+    out.update(_vision_shards(split_shards(checked, num_shards), config, pad_patches_to, vision_slots))
+    if "pixel_values" in out:
+        out["image_grid_thw"] = grid
+    out.update(_collate_extras(rows, lengths, length))
+    return out
+
+
+def _tokens(rows: list[dict], checked: list, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and segment_ids [B, L], right-padded."""
+    input_ids = np.full((len(rows), length), pad_id, np.int32)
+    segment_ids = np.zeros((len(rows), length), np.int32)
     for b, (ids, _, _) in enumerate(checked):
         input_ids[b, :len(ids)] = ids
         given = rows[b].get("segment_ids")
@@ -97,29 +147,33 @@ def make_batch(rows: list[dict], config: ModelConfig, pad_to_length: int | None 
             segment_ids[b, :len(ids)] = given
         else:
             segment_ids[b, :len(ids)] = 1
+    return input_ids, segment_ids
 
-    grid = np.concatenate([g for _, g, _ in checked], axis=0).astype(np.int32)
-    out: dict[str, np.ndarray] = {"input_ids": input_ids, "segment_ids": segment_ids}
-    out["position_ids"] = mrope_position_ids(input_ids, segment_ids, grid, config.image_token_id,
-                                             config.vision.spatial_merge_size)
+
+def _vision_shards(shards: list[list], config: ModelConfig, pad_patches_to: int | None,
+                   vision_slots: SlotShape | None) -> dict[str, np.ndarray]:
+    """pixel_values [S, P_s, D] and the vision_* arrays [S, ...] of each shard's (checked) rows; {} when the
+    batch has no patches and no pad_patches_to."""
+    grids = [_concat_grids(g for _, g, _ in shard) for shard in shards]
+    shapes = agree_shapes(config.vision, grids)
     unit = config.vision.spatial_merge_size ** 2
-    real_patches = int(np.prod(grid, axis=1).sum()) if len(grid) else 0
-    if pad_patches_to is not None:
-        num_patches = _round_up(int(pad_patches_to), unit)
-        if num_patches < real_patches:
-            raise ValueError(f"pad_patches_to={pad_patches_to} < {real_patches} real patches in the batch")
-    else:
-        num_patches = _round_up(real_patches, unit)
-    if num_patches:
-        pixels = np.zeros((num_patches, config.vision.patch_dim), np.float32)
-        pixel_list = [p for _, _, p in checked if p is not None]
+    num_patches = shapes.num_patches if pad_patches_to is None else _round_up(int(pad_patches_to), unit)
+    if num_patches < shapes.num_patches:
+        real = [int(np.prod(g, axis=1).sum()) for g in grids]
+        raise ValueError(f"pad_patches_to={pad_patches_to} < {max(real)} real patches in batch shard "
+                         f"{int(np.argmax(real))}; pass at least the most patches of any shard (agree_shapes)")
+    if not num_patches:
+        return {}
+    slots = shapes.slots if vision_slots is None else vision_slots
+    pixels = np.zeros((len(shards), num_patches, config.vision.patch_dim), np.float32)
+    per_shard = []
+    for s, (shard, grid) in enumerate(zip(shards, grids)):
+        pixel_list = [p for _, _, p in shard if p is not None]
         if pixel_list:
-            pixels[:real_patches] = np.concatenate(pixel_list, axis=0)
-        out["pixel_values"] = pixels
-        out["image_grid_thw"] = grid
-        out.update(vision_inputs(config.vision, grid, num_patches, vision_slots))
-    out.update(_collate_extras(rows, lengths, length))
-    return out
+            real = np.concatenate(pixel_list, axis=0)
+            pixels[s, :len(real)] = real
+        per_shard.append(vision_inputs(config.vision, grid, num_patches, slots))
+    return {"pixel_values": pixels, **{k: np.stack([v[k] for v in per_shard]) for k in per_shard[0]}}
 
 
 def _collate_extras(rows: list[dict], lengths: list[int], length: int) -> dict[str, np.ndarray]:

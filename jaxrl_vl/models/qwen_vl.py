@@ -7,11 +7,13 @@ Pure functions over a params tree keyed like the transformers-5 module names:
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_vl.activation_sharding import BATCH, constrain
+from jaxrl_vl.activation_sharding import BATCH, constrain, take_per_shard
 from jaxrl_vl.models.checkpoint import expected_shapes, from_hf_state_dict
 from jaxrl_vl.models.config import ModelConfig
 from jaxrl_vl.models.layers import dot_fp32_out
@@ -71,52 +73,61 @@ def unembedding(params: dict, config: ModelConfig):
     return _head_matrix(params, config)
 
 
-def _gather_per_token(is_image: jax.Array, rows: jax.Array) -> jax.Array:
-    """[B, L] mask, [N, D] rows -> [B, L, D]: the k-th True position (row-major) gets rows[k], others 0.
+def _place_per_token(is_image: jax.Array, rows: jax.Array) -> jax.Array:
+    """[B, L] mask, [S, M, D] image embeddings of S batch shards -> [B, L, D]: in each shard (B/S contiguous
+    rows), the k-th True position (row-major) gets the shard's rows[k], others 0.
 
-    The index is a per-row cumsum plus the image tokens of earlier rows (a cumsum over [B]), not a cumsum
-    over the flattened [B*L] mask, which would make every device of a batch-split mesh see every row.
-    Text positions index one past the end and read the fill value 0: the gradient (a scatter-add into
-    rows) then drops them instead of adding their zeros onto one clamped row, which serialised the
-    scatter's atomics (1.3 ms of an H100 2B step)."""
-    per_row = jnp.sum(is_image, axis=1, dtype=jnp.int32)
-    earlier_rows = jnp.cumsum(per_row) - per_row
-    index = earlier_rows[:, None] + jnp.cumsum(is_image, axis=1, dtype=jnp.int32) - 1
-    index = constrain(jnp.where(is_image, index, rows.shape[0]), BATCH, None)
-    rows = constrain(rows, None, None)  # any row may hold any image: every device keeps all of them
-    out = rows.at[index].get(mode="fill", fill_value=0)
+    The index is a per-row cumsum plus the image tokens of the shard's earlier rows (a cumsum over B/S rows),
+    and the gather is batched over the shard axis, so on a batch-split mesh every device indexes only its own
+    rows and embeddings: no image embedding is all-gathered. Text positions index one past the end and read
+    the fill value 0: the gradient (a scatter-add into rows) then drops them instead of adding their zeros
+    onto one clamped row, which serialised the scatter's atomics (1.3 ms of an H100 2B step)."""
+    num_shards, num_rows = rows.shape[:2]
+    by_shard = is_image.reshape(num_shards, -1, is_image.shape[-1])  # [S, B/S, L]
+    per_row = jnp.sum(by_shard, axis=-1, dtype=jnp.int32)
+    earlier_rows = jnp.cumsum(per_row, axis=-1) - per_row
+    index = earlier_rows[..., None] + jnp.cumsum(by_shard, axis=-1, dtype=jnp.int32) - 1
+    index = jnp.where(by_shard, index, num_rows)
+    out = take_per_shard(rows, index).reshape(is_image.shape + rows.shape[-1:])
     return constrain(out, BATCH, None, None)
 
 
 def has_images(batch: dict) -> bool:
-    return "pixel_values" in batch and batch["pixel_values"] is not None and batch["pixel_values"].shape[0] > 0
+    pixels = batch.get("pixel_values")
+    return pixels is not None and math.prod(pixels.shape) > 0
 
 
 def embed_inputs(params: dict, batch: dict, config: ModelConfig, dtype=jnp.float32,
                  remat: str = "none") -> tuple[jax.Array, jax.Array | None]:
     """Token embeddings with the vision tower's outputs placed at image-token positions.
 
-    Returns (inputs_embeds [B, L, D] in dtype, deepstack [n, B, L, D] or None). The k-th image token in
-    row-major (b, l) order receives the k-th merged vision embedding, as transformers' masked_scatter."""
+    Returns (inputs_embeds [B, L, D] in dtype, deepstack [n, B, L, D] or None). Within each batch shard, the
+    k-th image token in row-major (b, l) order receives the shard's k-th merged vision embedding, as
+    transformers' masked_scatter does for one shard."""
     input_ids = batch["input_ids"]
     embeds = constrain(embedding_table(params)[input_ids].astype(dtype), BATCH, None, None)
     if not has_images(batch):
         return embeds, None
+    pixel_values = batch["pixel_values"]
+    if pixel_values.ndim != 3 or input_ids.shape[0] % pixel_values.shape[0]:
+        raise ValueError(f"pixel_values {tuple(pixel_values.shape)} must be [num_shards, num_patches, patch_dim] "
+                         f"with num_shards dividing the {input_ids.shape[0]} rows; build the batch with "
+                         "models.inputs.make_batch")
     vinputs = {k: v for k, v in batch.items() if k.startswith("vision_")}
-    image_embeds, deepstack = apply_vision(params["model"]["visual"], config.vision, batch["pixel_values"],
-                                           vinputs, dtype, remat=remat)
+    image_embeds, deepstack = apply_vision(params["model"]["visual"], config.vision, pixel_values, vinputs, dtype,
+                                           remat=remat)
     is_image = input_ids == config.image_token_id
-    embeds = jnp.where(is_image[..., None], _gather_per_token(is_image, image_embeds.astype(dtype)), embeds)
+    embeds = jnp.where(is_image[..., None], _place_per_token(is_image, image_embeds.astype(dtype)), embeds)
     if deepstack is None or config.arch != "qwen3_vl" or deepstack.shape[0] == 0:
         return embeds, None
-    dense = jax.vmap(lambda rows: _gather_per_token(is_image, rows.astype(dtype)))(deepstack)
+    dense = jax.vmap(lambda rows: _place_per_token(is_image, rows.astype(dtype)))(deepstack)
     return embeds, dense
 
 
 def apply(params: dict, batch: dict, config: ModelConfig, *, dtype=jnp.float32, remat: str = "none",
           return_hidden: bool = False, attention: str = "auto", layer_loop: str = "scan") -> jax.Array:
     """Forward pass. batch: input_ids [B, L], segment_ids [B, L], position_ids [3, B, L], and optionally
-    pixel_values [P, C*T*p*p] + the vision_* arrays (see models.inputs.make_batch).
+    pixel_values [S, P_s, C*T*p*p] + the vision_* arrays [S, ...] of S batch shards (models.inputs.make_batch).
 
     Returns logits [B, L, V] float32, or the final normed hidden states [B, L, D] (in dtype) when
     return_hidden (for chunked cross-entropy via `unembed`). attention: the text decoder's attention

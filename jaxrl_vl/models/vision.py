@@ -1,25 +1,29 @@
 """Qwen3-VL and Qwen2.5-VL vision towers as pure functions over HF-named, block-stacked params.
 
 `apply_vision(params_visual, vision_config, pixel_values, vinputs, dtype)` reproduces transformers'
-`Qwen3VLVisionModel` / `Qwen2_5_VisionTransformerPretrainedModel` on a padded batch of patches:
-  pixel_values [P, C*T*p*p] (all images' patches concatenated, padded to P),
-  vinputs: the `vision_*` arrays from `vision_inputs.vision_inputs` (the model batch dict works too).
-Returns (image_embeds [P//m^2, out_hidden], deepstack_embeds [n_deepstack, P//m^2, out_hidden] | None).
-Rows past the real merged tokens are padding (zeros) and must be ignored by the caller.
+`Qwen3VLVisionModel` / `Qwen2_5_VisionTransformerPretrainedModel` on padded batch shards of patches:
+  pixel_values [S, P_s, C*T*p*p] (each batch shard's images' patches concatenated, padded to P_s),
+  vinputs: the `vision_*` arrays [S, ...] of models.inputs.make_batch (the model batch dict works too);
+  or one shard without the shard axis: pixel_values [P, C*T*p*p] and `vision_inputs.vision_inputs`'s arrays.
+Returns (image_embeds [S, P_s//m^2, out_hidden], deepstack_embeds [n_deepstack, S, P_s//m^2, out_hidden] |
+None), each shard's merged tokens in its processor order (one shard: without the S axis). Rows past a shard's
+real merged tokens are padding (zeros) and must be ignored by the caller.
 
 The whole tower runs in the slot layout of vision_inputs ([N slots, L positions]; a frame fills a run
 of one slot, and mixed-size frames share slots): the patches are gathered into slots once, every block
-works on [N, L, hidden], attention is one batched call over slots, and the merged tokens are gathered
-back to processor order at the end. Attention within a slot: with one frame per slot, a key-padding
+works on [S*N, L, hidden] (the shards' slots side by side: every block op is per slot), attention is one
+batched call over slots, and the merged tokens are gathered back to processor order at the end. Both
+gathers are batched over the shard axis, which sharding.batch_shardings splits over (data, fsdp), and the
+merger's activations are pinned to it: a device reads only its own shards' pixels and slots, and no pixel
+or image embedding crosses batch shards. Attention within a slot: with one frame per slot, a key-padding
 length per slot (no mask tensor: cuDNN flash attention on GPU); with frames sharing slots, a segment
 mask [N, 1, L, L] from vision_slot_segments (jax's cuDNN path takes it as an additive bias). Why the
-whole tower and not only attention: (1) no gather/scatter per layer; (2) with the slot axis split over
-devices (sharding.batch_shardings does that), every op but the first and last gather is local, so FSDP
-splits the vision compute instead of replicating it; (3) padding positions (slot_len rounding, packing
-gaps, empty slots) stay well under the power-of-two padding of P that the [P, P] masked attention it
-replaces ran its MLPs on (vision_inputs' docstring has the numbers). Qwen2.5-VL's windowed layers
-gather each slot's windows ([N, W, Lw], within the slot, so still local; windows never cross frames,
-so they need no segments) around their attention.
+whole tower and not only attention: (1) no gather/scatter per layer; (2) with the shard (so the slot)
+axis split over devices, every op is local, so FSDP splits the vision compute instead of replicating it;
+(3) padding positions (slot_len rounding, packing gaps, empty slots) stay well under the power-of-two
+padding of P that the [P, P] masked attention it replaces ran its MLPs on (vision_inputs' docstring has
+the numbers). Qwen2.5-VL's windowed layers gather each slot's windows ([N, W, Lw], within the slot, so
+still local; windows never cross frames, so they need no segments) around their attention.
 Blocks run under `jax.lax.scan` over the stacked "blocks" params, or as a Python loop when "blocks" is a
 list of per-block params (the unstacked layout, models.layout).
 """
@@ -30,7 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxrl_vl.activation_sharding import BATCH, TENSOR, constrain
+from jaxrl_vl.activation_sharding import BATCH, TENSOR, constrain, take_per_shard
 from jaxrl_vl.models.layers import activation, gated_activation, layer_norm, linear, recomputed_activation, rms_norm
 from jaxrl_vl.models.layers import remat as remat_block
 from jaxrl_vl.models.vision_inputs import vision_arch
@@ -189,18 +193,32 @@ def _qwen3_merger(p: dict, x: jax.Array, merged_dim: int, postshuffle_norm: bool
         x = layer_norm(p["norm"], x.reshape(-1, merged_dim), NORM_EPS)
     else:
         x = layer_norm(p["norm"], x, NORM_EPS).reshape(-1, merged_dim)
-    return linear(p["linear_fc2"], activation("gelu")(linear(p["linear_fc1"], x, dtype)), dtype)
+    return _merger_mlp(p["linear_fc1"], p["linear_fc2"], x, dtype)
+
+
+def _merger_mlp(fc1: dict, fc2: dict, merged: jax.Array, dtype) -> jax.Array:
+    """fc2(GELU(fc1(merged))) on merged tokens [S*N*L//m^2, m^2*H], which stay with their slots' batch shards
+    (pinned, or XLA gathers them all to multiply by the FSDP-split weights); fc1 column-, fc2 row-parallel."""
+    merged = constrain(merged, BATCH, None)
+    hidden = constrain(activation("gelu")(linear(fc1, merged, dtype)), BATCH, TENSOR)
+    return constrain(linear(fc2, hidden, dtype), BATCH, None)
 
 
 def _to_processor_order(merged: jax.Array, vinputs: dict) -> jax.Array:
-    """Merged slot rows [..., N*L//m^2, D] -> [..., P//m^2, D] in processor order (padding rows 0)."""
-    return jnp.take(merged, vinputs["vision_merged_rows"], axis=-2, mode="fill", fill_value=0)
+    """Merged slot rows [..., S*N*L//m^2, D] (shards in order) -> [..., S, P_s//m^2, D], each shard's in its
+    processor order (padding rows 0)."""
+    merged_rows = vinputs["vision_merged_rows"]  # [S, P_s//m^2], rows of the shard's own N*L//m^2
+    by_shard = merged.reshape(merged.shape[:-2] + (merged_rows.shape[0], -1, merged.shape[-1]))
+    return take_per_shard(by_shard, merged_rows, axis=merged.ndim - 2)
 
 
 def _apply_qwen3(params, vision_config, x, vinputs, dtype, remat):
     weights = vinputs["vision_slot_interp_weights"].astype(jnp.float32)
-    table = params["pos_embed"]["weight"].astype(jnp.float32)
-    pos = jnp.sum(table[vinputs["vision_slot_interp_indices"]] * weights[..., None], axis=-2)
+    # The whole (small) table on every device, so each looks up its own slots' taps (else XLA gathers every
+    # slot's indices to look them up in its FSDP slice of the table).
+    table = constrain(jnp.asarray(params["pos_embed"]["weight"], jnp.float32), None, None)
+    pos = constrain(jnp.sum(table[vinputs["vision_slot_interp_indices"]] * weights[..., None], axis=-2),
+                    BATCH, None, None)
     x = x + pos.astype(x.dtype)
 
     head_dim = int(vision_config.hidden_size) // int(vision_config.num_heads)
@@ -239,25 +257,44 @@ def _apply_qwen2_5(params, vision_config, x, vinputs, dtype, remat):
     merger = params["merger"]
     merged_dim = int(vision_config.hidden_size) * int(vision_config.spatial_merge_size) ** 2
     h = rms_norm(merger["ln_q"], x, NORM_EPS).reshape(-1, merged_dim)
-    h = linear(merger["mlp"]["2"], activation("gelu")(linear(merger["mlp"]["0"], h, dtype)), dtype)
-    return _to_processor_order(h, vinputs), None
+    return _to_processor_order(_merger_mlp(merger["mlp"]["0"], merger["mlp"]["2"], h, dtype), vinputs), None
 
 
 def apply_vision(params_visual: dict, vision_config, pixel_values: jax.Array, vinputs: dict,
                  dtype=jnp.float32, remat: str = "none") -> tuple[jax.Array, jax.Array | None]:
-    """Vision tower forward. pixel_values: [P, C*T*p*p]; vinputs: `vision_*` arrays for the same P.
+    """Vision tower forward. pixel_values: [S, P_s, C*T*p*p] with vinputs [S, ...] (make_batch's batch shards),
+    or [P, C*T*p*p] with one shard's vinputs (vision_inputs.vision_inputs) for the same P.
 
-    Returns image_embeds [P//m^2, out_hidden] in `dtype` and, for Qwen3-VL, deepstack_embeds
-    [len(deepstack_visual_indexes), P//m^2, out_hidden] (None for Qwen2.5-VL).
-    remat: a layers.REMAT_POLICIES name (jax.checkpoint policy applied per block).
+    Returns image_embeds [S, P_s//m^2, out_hidden] in `dtype` and, for Qwen3-VL, deepstack_embeds
+    [len(deepstack_visual_indexes), S, P_s//m^2, out_hidden] (None for Qwen2.5-VL); without the S axis for
+    one unstacked shard. remat: a layers.REMAT_POLICIES name (jax.checkpoint policy applied per block).
     """
+    if pixel_values.ndim == 2:  # one shard, as vision_inputs builds it
+        shard = {k: v[None] for k, v in vinputs.items() if k.startswith("vision_")}
+        embeds, deepstack = apply_vision(params_visual, vision_config, pixel_values[None], shard, dtype, remat)
+        return embeds[0], (None if deepstack is None else deepstack[:, 0])
+    _check_vision_inputs(vision_config, pixel_values, vinputs)
+    # Gather each shard's pixel rows into its slots first (padding positions read zeros), then embed: the
+    # patch embedding then runs on the slot layout too, split over devices with the shards.
+    slot_pixels = take_per_shard(pixel_values, vinputs["vision_slot_patches"])  # [S, N, L, D]
+    # The shards' slots side by side, [S*N, ...]: every op of the blocks is per slot.
+    vinputs = {k: (v.reshape((-1,) + v.shape[2:]) if k.startswith("vision_slot_") else v)
+               for k, v in vinputs.items()}
+    x = constrain(_patch_embed(params_visual["patch_embed"]["proj"],
+                               slot_pixels.reshape((-1,) + slot_pixels.shape[2:]), dtype), BATCH, None, None)
+    if vision_arch(vision_config) == "qwen3_vl":
+        return _apply_qwen3(params_visual, vision_config, x, vinputs, dtype, remat)
+    return _apply_qwen2_5(params_visual, vision_config, x, vinputs, dtype, remat)
+
+
+def _check_vision_inputs(vision_config, pixel_values: jax.Array, vinputs: dict) -> None:
     arch = vision_arch(vision_config)
     patch_dim = (int(vision_config.in_channels) * int(vision_config.temporal_patch_size)
                  * int(vision_config.patch_size) ** 2)
-    if pixel_values.ndim != 2 or pixel_values.shape[1] != patch_dim:
+    if pixel_values.ndim != 3 or pixel_values.shape[2] != patch_dim:
         raise ValueError(
-            f"pixel_values must be [num_patches, in_channels*temporal_patch_size*patch_size**2={patch_dim}], "
-            f"got {tuple(pixel_values.shape)}"
+            f"pixel_values must be [num_shards, num_patches, in_channels*temporal_patch_size*patch_size**2="
+            f"{patch_dim}] (or one shard's [num_patches, {patch_dim}]), got {tuple(pixel_values.shape)}"
         )
     required = ["vision_slot_patches", "vision_slot_positions", "vision_merged_rows"] + (
         ["vision_slot_interp_indices", "vision_slot_interp_weights"] if arch == "qwen3_vl"
@@ -266,21 +303,19 @@ def apply_vision(params_visual: dict, vision_config, pixel_values: jax.Array, vi
     if ("vision_slot_lengths" in vinputs) == ("vision_slot_segments" in vinputs):
         missing.append("exactly one of vision_slot_lengths / vision_slot_segments")
     if missing:
-        raise ValueError(f"vinputs lacks {missing} for arch={arch}; build it with "
-                         "jaxrl_vl.models.vision_inputs.vision_inputs(vision_config, grid_thw, num_patches)")
+        raise ValueError(f"vinputs lacks {missing} for arch={arch}; build it with models.inputs.make_batch (or, "
+                         "for one shard, vision_inputs.vision_inputs(vision_config, grid_thw, num_patches))")
     unit = int(vision_config.spatial_merge_size) ** 2
-    if vinputs["vision_merged_rows"].shape[0] * unit != pixel_values.shape[0]:
+    num_shards, num_patches = pixel_values.shape[:2]
+    shards = {key: tuple(vinputs[key].shape[:1]) for key in vinputs if key.startswith("vision_")}
+    if any(shape != (num_shards,) for shape in shards.values()):
+        raise ValueError(f"pixel_values has {num_shards} batch shards (leading axis) but the vision_* arrays' "
+                         f"leading axes are {shards}; build them together with models.inputs.make_batch")
+    if vinputs["vision_merged_rows"].shape[1] * unit != num_patches:
         raise ValueError(
-            f"vision_merged_rows covers {vinputs['vision_merged_rows'].shape[0] * unit} patches but pixel_values "
-            f"has {pixel_values.shape[0]}; build vinputs with num_patches_padded=pixel_values.shape[0]"
+            f"vision_merged_rows covers {vinputs['vision_merged_rows'].shape[1] * unit} patches per shard but "
+            f"pixel_values has {num_patches}; build vinputs with num_patches_padded=pixel_values.shape[-2]"
         )
-    # Gather the pixel rows into slots first (padding positions read zeros), then embed: the patch
-    # embedding then runs on the slot layout too, split over devices with the slots.
-    slot_pixels = jnp.take(pixel_values, vinputs["vision_slot_patches"], axis=0, mode="fill", fill_value=0)
-    x = _patch_embed(params_visual["patch_embed"]["proj"], slot_pixels, dtype)
-    if arch == "qwen3_vl":
-        return _apply_qwen3(params_visual, vision_config, x, vinputs, dtype, remat)
-    return _apply_qwen2_5(params_visual, vision_config, x, vinputs, dtype, remat)
 
 
 def vision_param_shapes(vision_config) -> dict[str, tuple[int, ...]]:

@@ -22,13 +22,21 @@ slot; the rest of the slot is padding. `slot_shape` picks the layout:
     small frames share slots instead of each padding a slot to the largest frame. A slot holding
     several frames needs a segment mask (`vision_slot_segments`, `packed=True`).
 num_slots is bucketed (4 per octave, < 25% empty slots) and can be rounded up to a multiple of the
-devices that split it. Over 300 simulated batches of 8 rows with 1-3 random-size images each, this
+devices that split one shard's slots. Over 300 simulated batches of 8 rows with 1-3 random-size images each, this
 layout has a median 1.12x (max 1.35x) slot positions per real patch in 12 distinct shapes (Qwen3-VL
 and Qwen2.5-VL alike), where one frame per slot sized for the largest frame had 2.96x (max 4.8x) in
 22 (tests/test_models_vision.py::test_mixed_sizes_pack_with_bounded_padding).
 
-Keys (all prefixed `vision_` so they can be merged into the model batch dict; `vision_slot_*` arrays
-have the slot axis first):
+Batch shards. A model batch's B rows form S contiguous shards of B/S rows (models.inputs.make_batch,
+num_shards=S; S = the mesh's data*fsdp or a multiple of it), and each shard carries its own images: its
+own pixel_values rows and the arrays below, every index local to the shard. `vision_inputs` builds one
+shard; make_batch stacks the S shards on a leading axis (pixel_values [S, P_s, D], vision_slot_patches
+[S, N_s, L_s], ...), each padded to the shapes all shards share, so the shard axis splits over devices and
+no image crosses a shard. `agree_shapes` finds those shared shapes (P_s and a SlotShape) from every
+shard's image_grid_thw, across processes too (a max over processes of two short vectors).
+
+Keys of one shard (all prefixed `vision_` so they can be merged into the model batch dict; `vision_slot_*`
+arrays have the slot axis first; a model batch puts the shard axis before it):
   vision_slot_patches    int32 [N, L]     pixel_values row of each slot position; P (= num_patches_padded,
                                           out of range) for padding positions.
   vision_slot_lengths    int32 [N]        unpacked layout only: real patches per slot (empty slots: 1, a
@@ -167,30 +175,68 @@ def _pack(sizes: np.ndarray, windows: np.ndarray, slot_len: int, windows_per_slo
     return slot, offset, window_offset, used_windows[:num_slots]
 
 
-def slot_shape(vision_config, *grids_thw: np.ndarray, num_slots_multiple: int = 1) -> SlotShape:
-    """The SlotShape that fits each of `grids_thw` (one [n, 3] grid per batch; pass all the micro-batches
-    that will be stacked together so they share one shape). num_slots_multiple: num_slots is rounded up
-    to a multiple of it; pass the number of devices that split the slot axis (data*fsdp): per device
-    that is never more work than replicating the slots."""
-    frames = [_frames(vision_config, np.asarray(g, np.int64).reshape(-1, 3)) for g in grids_thw]
-    sizes, windows = (np.concatenate([f[i] for f in frames] + [np.zeros(0, np.int64)]) for i in (0, 1))
+class VisionShapes(NamedTuple):
+    """What every batch shard is padded to (make_batch's pad_patches_to and vision_slots)."""
+    num_patches: int  # pixel rows per shard (P_s), a multiple of spatial_merge_size**2
+    slots: SlotShape
+
+
+_NO_FRAME = -(2 ** 31 - 1)  # the negated shortest frame of a shard without frames: below every real one
+
+
+def _local_max(vectors: list[np.ndarray]) -> np.ndarray:
+    return np.max(np.stack(vectors), axis=0)
+
+
+def _slot_dims(vision_config, longest: int, shortest: int, most_windows: int) -> tuple[int, int]:
+    """(slot_len, windows_per_slot) for frames of `shortest`..`longest` patches (of up to `most_windows`
+    windows; 0 frames: longest = 0): see the module docstring."""
     merge = int(vision_config.spatial_merge_size)
-    longest, most_windows = int(sizes.max(initial=merge * merge)), int(windows.max(initial=1))
+    longest, most_windows = max(longest, merge * merge), max(most_windows, 1)
     is_windowed = vision_arch(vision_config) == "qwen2_5_vl"
-    if len(np.unique(sizes)) <= 1:  # one frame size (or none): a tight slot_len, so one frame per slot
-        slot_len = frame_slot_len(longest)
-        windows_per_slot = bucket_size(most_windows, 4) if is_windowed else 0
-    else:  # mixed sizes: a power-of-two slot_len (few distinct shapes); small frames share slots
-        slot_len = 1 << (longest - 1).bit_length()
-        # Qwen2.5-VL: a slot takes up to twice the windows that tile it (small frames bring partial
-        # windows), so windows_per_slot follows slot_len and adds no shapes of its own.
-        tiling = 2 * slot_len // (_window_side(vision_config) * merge) ** 2 if is_windowed else 0
-        windows_per_slot = 1 << (max(tiling, most_windows) - 1).bit_length() if is_windowed else 0
-    layouts = [_pack(s, w, slot_len, windows_per_slot) for s, w in frames]
-    packed = any(len(slot_windows) < len(slot) for slot, *_, slot_windows in layouts)
-    num_slots = max([len(slot_windows) for *_, slot_windows in layouts] + [1])
-    multiple = int(num_slots_multiple)
-    return SlotShape(-(-bucket_size(num_slots, 4) // multiple) * multiple, slot_len, windows_per_slot, packed)
+    if shortest >= longest:  # one frame size (or none): a tight slot_len, so one frame per slot
+        return frame_slot_len(longest), (bucket_size(most_windows, 4) if is_windowed else 0)
+    # mixed sizes: a power-of-two slot_len (few distinct shapes); small frames share slots. Qwen2.5-VL: a slot
+    # takes up to twice the windows that tile it (small frames bring partial windows), so windows_per_slot
+    # follows slot_len and adds no shapes of its own.
+    slot_len = 1 << (longest - 1).bit_length()
+    if not is_windowed:
+        return slot_len, 0
+    tiling = 2 * slot_len // (_window_side(vision_config) * merge) ** 2
+    return slot_len, 1 << (max(tiling, most_windows) - 1).bit_length()
+
+
+def agree_shapes(vision_config, shard_grids, *, reduce_max=None) -> VisionShapes:
+    """The patch count and slot layout that fit every shard of `shard_grids` (one image_grid_thw [n, 3] per
+    batch shard, e.g. models.inputs.shard_grids; pass every micro-batch's shards when they will be stacked).
+
+    reduce_max: int32 vector -> its elementwise max over every process (default: this process's shards only).
+    Multi-host, `lambda v: np.max(jax.experimental.multihost_utils.process_allgather(v), axis=0)`: it is called
+    twice, on vectors of fixed length, so every process gets the same shapes as one process holding all shards
+    would. num_patches is the most real patches of any shard, rounded up to spatial_merge_size**2 (bucket it
+    further, the same way on every process, if you like)."""
+    reduce_max = reduce_max or (lambda v: v)
+    frames = [_frames(vision_config, np.asarray(g, np.int64).reshape(-1, 3)) for g in shard_grids]
+    if not frames:
+        raise ValueError("agree_shapes: shard_grids is empty; give one image_grid_thw [n, 3] per batch shard")
+    needs = [np.array([int(s.sum()), int(s.max(initial=0)), -int(s.min()) if len(s) else _NO_FRAME,
+                       int(w.max(initial=0))], np.int32) for s, w in frames]
+    patches, longest, negated_shortest, most_windows = (int(x) for x in reduce_max(_local_max(needs)))
+    slot_len, windows_per_slot = _slot_dims(vision_config, longest, -negated_shortest, most_windows)
+    used = []
+    for sizes, windows in frames:
+        *_, slot_windows = _pack(sizes, windows, slot_len, windows_per_slot)
+        used.append(np.array([len(slot_windows), len(slot_windows) < len(sizes)], np.int32))
+    num_slots, packed = (int(x) for x in reduce_max(_local_max(used)))
+    unit = int(vision_config.spatial_merge_size) ** 2
+    slots = SlotShape(bucket_size(max(num_slots, 1), 4), slot_len, windows_per_slot, bool(packed))
+    return VisionShapes(-(-patches // unit) * unit, slots)
+
+
+def slot_shape(vision_config, *grids_thw: np.ndarray) -> SlotShape:
+    """The SlotShape that fits each of `grids_thw` (one [n, 3] grid per batch shard; pass all the shards and
+    micro-batches that will be stacked together so they share one shape)."""
+    return agree_shapes(vision_config, grids_thw or [np.zeros((0, 3), np.int64)]).slots
 
 
 def _patch_frames(grid_thw: np.ndarray, merge: int) -> tuple[np.ndarray, ...]:

@@ -90,12 +90,12 @@ class RLUpdate:
             rows = [rows[i] for i in np.random.default_rng([config.seed, step]).permutation(len(rows))]
         local_episodes = len(train_share(rl))
         rows_multiple = max(1, local_episodes // micro_batches)
-        multiple = self.trainer.rows_per_process_multiple
+        shards = self.trainer.local_shards
         batch = rl_micro_batches(rows, self.trainer.model_config, num_micro_batches=micro_batches,
                                  length_multiple=rl.length_multiple, patch_multiple=rl.patch_multiple,
-                                 rows_multiple=-(-rows_multiple // multiple) * multiple,
+                                 rows_multiple=-(-rows_multiple // shards) * shards,
                                  target_positions_multiple=target_positions_multiple(config.train),
-                                 agree=lambda needs: distributed.agree_max(needs, "rl_collate"))
+                                 num_shards=shards, agree=lambda needs: distributed.agree_max(needs, "rl_collate"))
         batch, host = split_host_stats(batch)
         return self.trainer.place(batch), host, updates
 

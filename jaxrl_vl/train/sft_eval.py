@@ -54,7 +54,7 @@ def make_collate(config, trainer: Trainer, data: SFTData, *, grad_accum_steps: i
     """The training collate (stacked micro-batches, shapes agreed across processes)."""
     return sft_collate_fn(trainer.model_config, grad_accum_steps=grad_accum_steps or config.train.grad_accum_steps,
                           packing=config.data.packing if packing is None else packing, **data.collate_kwargs,
-                          num_slots_multiple=trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"],
+                          num_shards=trainer.local_shards,
                           target_positions_multiple=target_positions_multiple(config.train),
                           agree=lambda needs: distributed.agree_max(needs, "sft_collate"))
 
@@ -66,6 +66,7 @@ class SFTEvaluator:
         self.config, self.trainer, self.data = config, trainer, data
         self.eval_nll = make_eval_nll(trainer.forward, trainer.view, mesh=trainer.mesh)
         self.collate = sft_collate_fn(trainer.model_config, grad_accum_steps=1, packing=False, **data.collate_kwargs,
+                                      num_shards=trainer.local_shards,
                                       agree=lambda needs: distributed.agree_max(needs, "sft_eval"))
         self.generator = make_generator(config, trainer, data)
 

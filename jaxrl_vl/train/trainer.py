@@ -127,10 +127,13 @@ class Trainer:
                     metrics_sharding=sharding.replicated(self.mesh))
 
     @property
-    def rows_per_process_multiple(self) -> int:
-        """Rows of a local micro-batch must divide into this process's share of the batch axes."""
+    def local_shards(self) -> int:
+        """This process's batch shards: its share of the mesh's data x fsdp devices (the rows of a local
+        micro-batch divide into them, each shard with its own vision inputs; models/inputs.py)."""
         split = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        return max(1, split // jax.process_count())
+        if split % jax.process_count():
+            raise ConfigError(f"mesh data*fsdp={split} does not split over {jax.process_count()} processes")
+        return split // jax.process_count()
 
     def place(self, local_batch: dict) -> dict:
         """This process's stacked micro-batches [A, ...] -> global arrays on the mesh: each micro-batch placed like
